@@ -1,0 +1,185 @@
+"""Sampling-budget allocation: how many re-samples each problem gets (HS-STaR section 3.3).
+
+Pure Python: this module imports nothing from torch, transformers or trl.
+
+Every strategy spends exactly ``budget * N`` samples on N problems per iteration: first
+``presamples_for(strategy, ...)`` samples on every problem, then the remainder
+
+    R = (budget - num_presamples) * N
+
+is split by :func:`allocate`. The strategies (the paper's method and the baselines it is compared
+with at equal budget):
+
+``"hsstar"``
+    The authors' release: R goes to the problems whose level is in ``target_levels`` (by default
+    only the boundary ones), split evenly: each gets ``R // E`` and a seeded random subset of
+    ``R % E`` of them gets one more, so the total is exact. Setting ``target_levels`` to
+    ``("easy",)`` or ``("hard",)`` gives the paper's utility study.
+``"uniform"``
+    STaR / RFT / ReST-EM: everything is spent in pre-sampling (``presamples_for`` returns
+    ``budget``), so R is 0. If a caller still pre-samples fewer, R is split evenly over all
+    problems, which gives the same per-problem count.
+``"prop2diff"``
+    DART-Math: R is split in proportion to the estimated fail rate ``1 - phi_a`` (largest-remainder
+    rounding, ties broken by a seeded shuffle). A problem without pre-samples counts as fail rate 1.
+``"band"``
+    Pass-rate band / non-zero-variance filter (DAPO, open-r1): R is split evenly over the problems
+    with ``band[0] < phi_a < band[1]`` (by default: solved sometimes, not always).
+
+When no problem is eligible (no boundary problem, nothing in the band, or every fail rate is 0),
+R is split evenly over **all** problems, i.e. the iteration falls back to uniform sampling and the
+budget is still spent exactly; :attr:`Allocation.fell_back` records it so that callers can warn.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .difficulty import Difficulty, Level
+
+__all__ = ["STRATEGIES", "Allocation", "allocate", "presamples_for"]
+
+STRATEGIES = ("hsstar", "uniform", "prop2diff", "band")
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """The outcome of :func:`allocate` for one iteration."""
+
+    num_presamples: int
+    """Pre-samples every problem received."""
+    resamples: list[int]
+    """Re-samples per problem, in the order of the input."""
+    eligible: list[bool] = field(repr=False)
+    """Which problems the strategy considered eligible for the remainder."""
+    fell_back: bool = False
+    """True when no problem was eligible and the remainder was spread over all problems."""
+
+    @property
+    def total(self) -> int:
+        """Samples spent on the iteration: pre-samples plus re-samples."""
+        return self.num_presamples * len(self.resamples) + sum(self.resamples)
+
+    def per_problem(self) -> list[int]:
+        """Total samples per problem (pre-samples + re-samples)."""
+        return [self.num_presamples + r for r in self.resamples]
+
+
+def _check_budget(budget: int, num_presamples: int) -> None:
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"`sampling_budget` must be a positive integer, got {budget!r}.")
+    if isinstance(num_presamples, bool) or not isinstance(num_presamples, int) or num_presamples < 0:
+        raise ValueError(f"`num_presamples` must be a non-negative integer, got {num_presamples!r}.")
+    if num_presamples > budget:
+        raise ValueError(
+            f"`num_presamples` ({num_presamples}) exceeds `sampling_budget` ({budget}): pre-sampling cannot "
+            "spend more than the whole budget. Lower `num_presamples` or raise `sampling_budget`."
+        )
+
+
+def _check_strategy(strategy: str) -> None:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"`allocation` must be one of {STRATEGIES}, got {strategy!r}.")
+
+
+def presamples_for(strategy: str, budget: int, num_presamples: int) -> int:
+    """Pre-samples per problem under ``strategy``: ``budget`` for ``"uniform"``, else ``num_presamples``."""
+    _check_strategy(strategy)
+    _check_budget(budget, num_presamples)
+    return budget if strategy == "uniform" else num_presamples
+
+
+def _spread_evenly(remaining: int, eligible: list[int], n: int, rng: random.Random) -> list[int]:
+    """Split ``remaining`` over the indices in ``eligible``: R // E each, a seeded subset one more."""
+    counts = [0] * n
+    if remaining == 0 or not eligible:
+        return counts
+    base, extra = divmod(remaining, len(eligible))
+    for i in eligible:
+        counts[i] = base
+    for i in rng.sample(eligible, extra):
+        counts[i] += 1
+    return counts
+
+
+def _spread_proportionally(remaining: int, weights: list[float], rng: random.Random) -> list[int]:
+    """Largest-remainder split of ``remaining`` in proportion to ``weights`` (sum > 0); exact total."""
+    total_weight = sum(weights)
+    quotas = [remaining * w / total_weight for w in weights]
+    counts = [int(q) for q in quotas]
+    leftover = remaining - sum(counts)
+    order = list(range(len(weights)))
+    rng.shuffle(order)  # seeded tie-breaking among equal fractional parts
+    order.sort(key=lambda i: quotas[i] - counts[i], reverse=True)  # stable: keeps the shuffle among ties
+    for i in order[:leftover]:
+        counts[i] += 1
+    return counts
+
+
+def allocate(
+    difficulties: Sequence[Difficulty],
+    *,
+    strategy: str = "hsstar",
+    budget: int = 8,
+    num_presamples: int = 3,
+    seed: int = 0,
+    target_levels: Sequence[Level | str] = (Level.BOUNDARY,),
+    band: tuple[float, float] = (0.0, 1.0),
+) -> Allocation:
+    """Decide how many re-samples each problem gets.
+
+    Args:
+        difficulties: one :class:`~trl_hsstar.difficulty.Difficulty` per problem, from pre-sampling.
+        strategy: one of ``"hsstar"``, ``"uniform"``, ``"prop2diff"``, ``"band"`` (see the module doc).
+        budget: B, the average number of samples per problem for the whole iteration.
+        num_presamples: samples each problem already received in pre-sampling (for ``"uniform"``
+            this should be ``presamples_for("uniform", budget, n_p) == budget``).
+        seed: seeds the choice of who gets the indivisible remainder.
+        target_levels: for ``"hsstar"``, the levels that receive the remainder.
+        band: for ``"band"``, the open interval of pre-sample accuracy that is eligible.
+
+    Returns:
+        An :class:`Allocation` whose ``total`` is exactly ``budget * len(difficulties)``.
+
+    Example:
+        >>> from trl_hsstar.difficulty import Difficulty, Level
+        >>> d = lambda level: Difficulty(Level(level), None, None, 3, 0, 0)
+        >>> allocate([d("easy"), d("boundary"), d("boundary"), d("hard")], budget=8, num_presamples=3).resamples
+        [0, 10, 10, 0]
+    """
+    _check_strategy(strategy)
+    _check_budget(budget, num_presamples)
+    n = len(difficulties)
+    remaining = (budget - num_presamples) * n
+    rng = random.Random(seed)
+
+    if strategy == "hsstar":
+        try:
+            targets = {Level(t) for t in target_levels}
+        except ValueError:
+            raise ValueError(
+                f"`target_levels` must name levels among {[lv.value for lv in Level]}, got {list(target_levels)!r}."
+            ) from None
+        eligible = [d.level in targets for d in difficulties]
+    elif strategy == "uniform":
+        eligible = [True] * n
+    elif strategy == "band":
+        low, high = band
+        if not low < high:
+            raise ValueError(f"`band` must satisfy low < high, got {band!r}.")
+        eligible = [d.phi_a is not None and low < d.phi_a < high for d in difficulties]
+    else:  # prop2diff
+        fail_rates = [1.0 if d.phi_a is None else 1.0 - d.phi_a for d in difficulties]
+        eligible = [f > 0 for f in fail_rates]
+        if any(eligible) and remaining > 0:
+            counts = _spread_proportionally(remaining, fail_rates, rng)
+            return Allocation(num_presamples, counts, eligible, fell_back=False)
+
+    indices = [i for i, ok in enumerate(eligible) if ok]
+    fell_back = not indices and n > 0 and remaining > 0
+    if fell_back:
+        indices = list(range(n))
+    counts = _spread_evenly(remaining, indices, n, rng)
+    return Allocation(num_presamples, counts, eligible, fell_back=fell_back)

@@ -1,0 +1,195 @@
+"""Training-data selection: scored samples -> SFT rows or DPO pairs (HS-STaR section 3.4).
+
+Pure Python: this module imports nothing from torch, transformers or trl.
+
+Only problems whose level is in ``levels`` (by default the boundary problems) contribute, with
+their pre-samples and re-samples pooled.
+
+* :func:`select_sft_rows` (the default objective, STaR/RFT style): the correct responses, ranked by
+  S(r) descending (unscored ones last, ties keep sampling order), exact duplicates removed, at most
+  ``max_rows_per_problem`` per problem.
+* :func:`select_dpo_pairs` (the authors' release, ``scripts/filter_ours_dpo.py``): per problem the
+  correct responses (chosen) and the incorrect ones (rejected), each sorted by S(r) descending, both
+  cut to K = min(#correct, #incorrect), each shuffled, zipped into K pairs; a problem without a
+  correct or without an incorrect response gives none; finally all pairs are shuffled. One seeded
+  random stream serves the whole call, in order of first appearance of each problem, as in the
+  release (which seeds it with 1234).
+
+Rows come out in TRL's prompt-completion / preference formats (``prompt`` + ``completion``, or
+``prompt`` + ``chosen`` + ``rejected``) plus bookkeeping columns, so they feed ``SFTTrainer`` and
+``DPOTrainer`` directly.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .difficulty import Level
+
+__all__ = ["ScoredSample", "group_by_problem", "select_dpo_pairs", "select_sft_rows"]
+
+
+@dataclass(frozen=True)
+class ScoredSample:
+    """One sampled response with its verdicts."""
+
+    problem_id: str
+    prompt: Any
+    """The prompt as the trainer will see it (a string, or a list of chat messages)."""
+    completion: Any
+    """The response (a string, or a list of chat messages)."""
+    correct: bool
+    score: float | None = None
+    """S(r): the aggregated process reward; ``None`` if the reward source gave none."""
+    sample_id: str | None = None
+
+
+def group_by_problem(samples: Iterable[ScoredSample]) -> dict[str, list[ScoredSample]]:
+    """Group samples by ``problem_id``, problems in order of first appearance, samples in input order."""
+    groups: dict[str, list[ScoredSample]] = {}
+    for s in samples:
+        groups.setdefault(s.problem_id, []).append(s)
+    return groups
+
+
+def _by_score_desc(samples: Sequence[ScoredSample]) -> list[ScoredSample]:
+    # Stable: equal scores keep their sampling order; unscored responses go last.
+    return sorted(samples, key=lambda s: (s.score is None, -(s.score or 0.0)))
+
+
+def _eligible(problem_id: str, levels: Mapping[str, Level | str] | None, wanted: set[Level]) -> bool:
+    if levels is None:
+        return True
+    level = levels.get(problem_id)
+    return level is not None and Level(level) in wanted
+
+
+def _wanted(levels_to_train: Collection[Level | str]) -> set[Level]:
+    try:
+        return {Level(x) for x in levels_to_train}
+    except ValueError:
+        raise ValueError(
+            f"`train_levels` must name levels among {[lv.value for lv in Level]}, got {list(levels_to_train)!r}."
+        ) from None
+
+
+def _dedupe_key(completion: Any) -> Any:
+    return completion if isinstance(completion, str) else repr(completion)
+
+
+def select_sft_rows(
+    samples: Iterable[ScoredSample],
+    levels: Mapping[str, Level | str] | None = None,
+    *,
+    train_levels: Collection[Level | str] = (Level.BOUNDARY,),
+    max_rows_per_problem: int | None = None,
+) -> list[dict]:
+    """Correct responses of the eligible problems as SFT rows.
+
+    Args:
+        samples: all scored samples of the iteration (pre-samples and re-samples).
+        levels: ``problem_id -> level``; ``None`` makes every problem eligible (plain STaR/RFT).
+            A problem missing from a given mapping is not eligible.
+        train_levels: the levels whose problems give rows.
+        max_rows_per_problem: cap per problem after ranking and de-duplication (``None``: no cap).
+
+    Returns:
+        Rows ``{"prompt", "completion", "problem_id", "score", "rank"}``, problems in order of first
+        appearance, each problem's rows best first.
+    """
+    if max_rows_per_problem is not None and (
+        isinstance(max_rows_per_problem, bool)
+        or not isinstance(max_rows_per_problem, int)
+        or max_rows_per_problem < 1
+    ):
+        raise ValueError(
+            f"`max_rows_per_problem` must be a positive integer or None, got {max_rows_per_problem!r}."
+        )
+    wanted = _wanted(train_levels)
+    rows: list[dict] = []
+    for problem_id, group in group_by_problem(samples).items():
+        if not _eligible(problem_id, levels, wanted):
+            continue
+        seen: set = set()
+        kept = 0
+        for s in _by_score_desc([s for s in group if s.correct]):
+            key = _dedupe_key(s.completion)
+            if key in seen:
+                continue
+            seen.add(key)
+            rows.append(
+                {
+                    "prompt": s.prompt,
+                    "completion": s.completion,
+                    "problem_id": problem_id,
+                    "score": s.score,
+                    "rank": kept,
+                }
+            )
+            kept += 1
+            if max_rows_per_problem is not None and kept >= max_rows_per_problem:
+                break
+    return rows
+
+
+def select_dpo_pairs(
+    samples: Iterable[ScoredSample],
+    levels: Mapping[str, Level | str] | None = None,
+    *,
+    train_levels: Collection[Level | str] = (Level.BOUNDARY,),
+    seed: int = 1234,
+    max_pairs_per_problem: int | None = None,
+) -> list[dict]:
+    """Preference pairs built exactly as the authors' release builds them.
+
+    Args:
+        samples: all scored samples of the iteration (pre-samples and re-samples).
+        levels: ``problem_id -> level``; ``None`` makes every problem eligible.
+        train_levels: the levels whose problems give pairs.
+        seed: seeds the single random stream (the release uses 1234).
+        max_pairs_per_problem: optional extra cap on K (not in the release; ``None`` = release behaviour).
+
+    Returns:
+        Rows ``{"prompt", "chosen", "rejected", "problem_id", "chosen_score", "rejected_score"}``,
+        shuffled.
+    """
+    if max_pairs_per_problem is not None and (
+        isinstance(max_pairs_per_problem, bool)
+        or not isinstance(max_pairs_per_problem, int)
+        or max_pairs_per_problem < 1
+    ):
+        raise ValueError(
+            f"`max_pairs_per_problem` must be a positive integer or None, got {max_pairs_per_problem!r}."
+        )
+    wanted = _wanted(train_levels)
+    rng = random.Random(seed)
+    pairs: list[dict] = []
+    for problem_id, group in group_by_problem(samples).items():
+        if not _eligible(problem_id, levels, wanted):
+            continue
+        chosen = _by_score_desc([s for s in group if s.correct])
+        rejected = _by_score_desc([s for s in group if not s.correct])
+        if not chosen or not rejected:
+            continue
+        k = min(len(chosen), len(rejected))
+        if max_pairs_per_problem is not None:
+            k = min(k, max_pairs_per_problem)
+        chosen, rejected = chosen[:k], rejected[:k]
+        rng.shuffle(chosen)
+        rng.shuffle(rejected)
+        for c, r in zip(chosen, rejected):
+            pairs.append(
+                {
+                    "prompt": c.prompt,
+                    "chosen": c.completion,
+                    "rejected": r.completion,
+                    "problem_id": problem_id,
+                    "chosen_score": c.score,
+                    "rejected_score": r.score,
+                }
+            )
+    rng.shuffle(pairs)
+    return pairs
