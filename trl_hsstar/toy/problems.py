@@ -1,0 +1,378 @@
+"""Toy arithmetic problems, their reference rationales, and an exact step checker.
+
+This module is pure Python (stdlib only): importing it never pulls in torch, transformers or tokenizers.
+
+A problem is a chain of integer additions/subtractions evaluated left to right, e.g. ``12+7+35``.
+Its reference rationale spells out one step per operator, separated by a blank line, and ends with
+the final answer in ``\\boxed{}``::
+
+    12+7=19
+
+    19+35=54
+
+    The answer is \\boxed{54}.
+
+``label_steps`` compares any completion with that reference step by step. It gives the exact per-step
+correctness labels that a process reward model (PRM) is trained to predict.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+STEP_SEPARATOR = "\n\n"
+"""Separates the steps of a rationale (a blank line)."""
+
+VALID_OPS = "+-"
+
+_EXPRESSION_RE = re.compile(r"\s*(\d+)\s*((?:[+-]\s*\d+\s*)+)")
+_OPERAND_RE = re.compile(r"([+-])\s*(\d+)")
+_STEP_RE = re.compile(r"(-?\d+)\s*([+-])\s*(-?\d+)\s*=\s*(-?\d+)")
+_ANSWER_RE = re.compile(r"The\s+answer\s+is\s*\\boxed\s*\{\s*(-?\d+)\s*\}\s*\.?")
+
+
+def _apply(a: int, op: str, b: int) -> int:
+    return a + b if op == "+" else a - b
+
+
+@dataclass(frozen=True)
+class ArithmeticProblem:
+    """``operands[0] ops[0] operands[1] ops[1] ...``, evaluated left to right.
+
+    Operands are non-negative integers and every op is ``"+"`` or ``"-"`` (so the expression string
+    parses back unambiguously); intermediate values and the answer may be negative.
+    """
+
+    operands: tuple[int, ...]
+    ops: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        # Accept lists for convenience but store tuples so the dataclass stays hashable.
+        object.__setattr__(self, "operands", tuple(self.operands))
+        object.__setattr__(self, "ops", tuple(self.ops))
+        if len(self.operands) < 2:
+            raise ValueError(f"operands: need at least 2 operands, got {len(self.operands)}")
+        for x in self.operands:
+            if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+                raise ValueError(f"operands: every operand must be a non-negative int, got {x!r}")
+        if len(self.ops) != len(self.operands) - 1:
+            raise ValueError(
+                f"ops: need len(ops) == len(operands) - 1 == {len(self.operands) - 1}, got {len(self.ops)}"
+            )
+        for op in self.ops:
+            if op not in ("+", "-"):
+                raise ValueError(f"ops: every op must be '+' or '-', got {op!r}")
+
+    @classmethod
+    def from_expression(cls, expression: str) -> ArithmeticProblem:
+        """Parse ``"12+7-35"`` (whitespace tolerated) back into a problem."""
+        if not isinstance(expression, str):
+            raise ValueError(f"expression must be a str, got {type(expression).__name__}")
+        m = _EXPRESSION_RE.fullmatch(expression)
+        if m is None:
+            raise ValueError(
+                f"cannot parse {expression!r} as an arithmetic expression like '12+7-35' "
+                "(non-negative integers joined by '+' or '-')"
+            )
+        pairs = _OPERAND_RE.findall(m.group(2))
+        operands = (int(m.group(1)), *(int(b) for _, b in pairs))
+        return cls(operands=operands, ops=tuple(op for op, _ in pairs))
+
+    @property
+    def expression(self) -> str:
+        """The problem as a compact string, e.g. ``"12+7+35"``."""
+        parts = [str(self.operands[0])]
+        for op, b in zip(self.ops, self.operands[1:], strict=True):
+            parts.append(f"{op}{b}")
+        return "".join(parts)
+
+    @property
+    def id(self) -> str:
+        """A readable id, unique by content (it is the expression)."""
+        return self.expression
+
+    @property
+    def prompt(self) -> str:
+        return f"Q: {self.expression}\nA: "
+
+    @property
+    def answer(self) -> int:
+        value = self.operands[0]
+        for op, b in zip(self.ops, self.operands[1:], strict=True):
+            value = _apply(value, op, b)
+        return value
+
+    @property
+    def num_operands(self) -> int:
+        return len(self.operands)
+
+    @property
+    def digits(self) -> int:
+        """The largest number of digits among the operands."""
+        return max(len(str(x)) for x in self.operands)
+
+    def reference_steps(self) -> list[tuple[int, str, int, int]]:
+        """``(running value, op, operand, result)`` for every arithmetic step."""
+        steps = []
+        value = self.operands[0]
+        for op, b in zip(self.ops, self.operands[1:], strict=True):
+            result = _apply(value, op, b)
+            steps.append((value, op, b, result))
+            value = result
+        return steps
+
+    def steps(self) -> list[str]:
+        """The arithmetic steps as text, e.g. ``["12+7=19", "19+35=54"]``."""
+        return [f"{a}{op}{b}={r}" for a, op, b, r in self.reference_steps()]
+
+    def rationale(self) -> str:
+        """The reference solution: the steps, then ``The answer is \\boxed{N}.``, joined by blank lines."""
+        return STEP_SEPARATOR.join([*self.steps(), f"The answer is \\boxed{{{self.answer}}}."])
+
+    def to_row(self) -> dict[str, object]:
+        """One dataset row: ``id``, ``prompt``, ``answer`` (a str), ``solution``, ``num_operands``, ``digits``."""
+        return {
+            "id": self.id,
+            "prompt": self.prompt,
+            "answer": str(self.answer),
+            "solution": self.rationale(),
+            "num_operands": self.num_operands,
+            "digits": self.digits,
+        }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Problem generation
+
+
+def _as_range(value: int | Sequence[int], name: str, minimum: int) -> tuple[int, int]:
+    """Normalise an int or an inclusive ``(low, high)`` pair, checking ``minimum <= low <= high``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        low = high = value
+    elif (
+        isinstance(value, Sequence)
+        and not isinstance(value, str)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        low, high = value
+    else:
+        raise ValueError(f"{name} must be an int or an inclusive (low, high) pair of ints, got {value!r}")
+    if low > high:
+        raise ValueError(f"{name}: low must be <= high, got {value!r}")
+    if low < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return low, high
+
+
+def _digit_range(d: int) -> range:
+    """All operands with exactly ``d`` digits (1 digit includes 0)."""
+    return range(10) if d == 1 else range(10 ** (d - 1), 10**d)
+
+
+class _Cell:
+    """All problems with ``k`` operands of ``d`` digits: sampled by rejection, or from an explicit
+    pool once more than half of the cell is blocked (excluded or already used), so generation always
+    terminates in time proportional to the number of problems drawn."""
+
+    def __init__(self, k: int, d: int, ops: str, excluded: set[str]):
+        self.k, self.d, self.ops = k, d, ops
+        self.values = _digit_range(d)
+        self.size = len(self.values) ** k * len(ops) ** (k - 1)
+        self.blocked = set(excluded)  # ids in this cell that may not be drawn
+        self.pool: list[ArithmeticProblem] | None = None
+
+    @property
+    def available(self) -> int:
+        return self.size - len(self.blocked)
+
+    def draw(self, rng: random.Random, unique: bool) -> ArithmeticProblem:
+        if self.pool is None and 2 * len(self.blocked) > self.size:
+            self.pool = [p for p in self._enumerate() if p.id not in self.blocked]
+        if self.pool is not None:
+            i = rng.randrange(len(self.pool))
+            problem = self.pool[i]
+            if unique:  # swap-remove
+                self.pool[i] = self.pool[-1]
+                self.pool.pop()
+        else:
+            while True:  # expected < 2 tries since at most half of the cell is blocked
+                problem = ArithmeticProblem(
+                    operands=tuple(rng.choice(self.values) for _ in range(self.k)),
+                    ops=tuple(rng.choice(self.ops) for _ in range(self.k - 1)),
+                )
+                if problem.id not in self.blocked:
+                    break
+        if unique:
+            self.blocked.add(problem.id)
+        return problem
+
+    def _enumerate(self) -> Iterable[ArithmeticProblem]:
+        for operands in itertools.product(self.values, repeat=self.k):
+            for ops in itertools.product(self.ops, repeat=self.k - 1):
+                yield ArithmeticProblem(operands=operands, ops=ops)
+
+
+def generate_problems(
+    n: int,
+    *,
+    operands: int | tuple[int, int] = (2, 4),
+    digits: int | tuple[int, int] = 1,
+    ops: str = "+",
+    seed: int = 0,
+    unique: bool = True,
+    exclude: Iterable[str | ArithmeticProblem] = (),
+) -> list[ArithmeticProblem]:
+    """Sample ``n`` random problems, deterministically for a given set of arguments.
+
+    Args:
+        n: number of problems.
+        operands: number of operands per problem, an int or an inclusive ``(low, high)`` range sampled
+            uniformly per problem (>= 2).
+        digits: digits of every operand of a problem, an int or an inclusive range sampled uniformly per
+            problem (>= 1). 1 digit means 0..9, ``d >= 2`` means ``10**(d-1)..10**d - 1``.
+        ops: allowed operators, chosen uniformly per position (a non-empty subset of ``"+-"``).
+        seed: seed of the ``random.Random`` used.
+        unique: drop duplicate expressions.
+        exclude: ids (expressions) or problems that must not be generated, e.g. the held-out problems.
+
+    Raises:
+        ValueError: on invalid arguments, or when fewer than ``n`` distinct problems exist (``unique``).
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    k_low, k_high = _as_range(operands, "operands", 2)
+    d_low, d_high = _as_range(digits, "digits", 1)
+    if not isinstance(ops, str) or not ops or not set(ops) <= set(VALID_OPS):
+        raise ValueError(f"ops must be a non-empty string of operators from {VALID_OPS!r}, got {ops!r}")
+    ops = "".join(dict.fromkeys(ops))  # de-duplicate, keep order
+
+    if isinstance(exclude, str):
+        raise ValueError("exclude must be an iterable of problem ids, not a single str")
+    excluded = {p.id if isinstance(p, ArithmeticProblem) else p for p in exclude}
+    cell_excluded: dict[tuple[int, int], set[str]] = {}
+    for pid in excluded:  # sort each excluded id into the cell it belongs to (if any)
+        try:
+            p = ArithmeticProblem.from_expression(pid)
+        except ValueError:
+            continue
+        if p.expression != pid or not set(p.ops) <= set(ops) or not k_low <= p.num_operands <= k_high:
+            continue
+        lengths = {len(str(x)) for x in p.operands}
+        if len(lengths) == 1 and d_low <= (d := lengths.pop()) <= d_high:
+            cell_excluded.setdefault((p.num_operands, d), set()).add(pid)
+
+    cells = [
+        _Cell(k, d, ops, cell_excluded.get((k, d), set()))
+        for k in range(k_low, k_high + 1)
+        for d in range(d_low, d_high + 1)
+    ]
+    total = sum(c.size for c in cells)
+    available = sum(c.available for c in cells)
+    if n > 0 and (available == 0 or (unique and available < n)):
+        note = f" ({total - available} of them excluded)" if available < total else ""
+        raise ValueError(
+            f"cannot generate n={n} unique problems: only {available} distinct problems are available with "
+            f"operands={operands!r}, digits={digits!r}, ops={ops!r}{note}. "
+            "Increase `digits` or `operands`, allow more `ops`, lower `n`, or pass unique=False."
+        )
+
+    rng = random.Random(seed)
+    live = [c for c in cells if c.available > 0]
+    problems = []
+    for _ in range(n):
+        cell = rng.choice(live)
+        problems.append(cell.draw(rng, unique))
+        if unique and cell.available == 0:
+            live.remove(cell)
+    return problems
+
+
+def problems_to_dataset_dict(problems: Iterable[ArithmeticProblem]) -> dict[str, list]:
+    """Columnar form of ``to_row()``, ready for ``datasets.Dataset.from_dict``."""
+    columns: dict[str, list] = {
+        k: [] for k in ("id", "prompt", "answer", "solution", "num_operands", "digits")
+    }
+    for p in problems:
+        for key, value in p.to_row().items():
+            columns[key].append(value)
+    return columns
+
+
+# ----------------------------------------------------------------------------------------------------
+# Step checker
+
+
+def split_steps(completion: str) -> list[str]:
+    """Split a completion on blank lines into stripped, non-empty steps (``[]`` for a non-str)."""
+    if not isinstance(completion, str):
+        return []
+    return [s for s in (part.strip() for part in completion.split(STEP_SEPARATOR)) if s]
+
+
+def _canonical_int(text: str) -> str:
+    """``"-007"`` -> ``"-7"``, ``"-0"`` -> ``"0"``: compare integers as strings, in linear time."""
+    negative = text.startswith("-")
+    digits = text.lstrip("-").lstrip("0") or "0"
+    return "-" + digits if negative and digits != "0" else digits
+
+
+@lru_cache(maxsize=4096)
+def _reference(expression: str) -> tuple[tuple[tuple[str, str, str, str], ...], str]:
+    p = ArithmeticProblem.from_expression(expression)
+    steps = tuple((str(a), op, str(b), str(r)) for a, op, b, r in p.reference_steps())
+    return steps, str(p.answer)
+
+
+def label_steps(problem: ArithmeticProblem | str, completion: str) -> list[bool]:
+    """One correctness label per step of ``split_steps(completion)``.
+
+    Step ``i`` below the number of reference steps is True iff it reads ``a OP b = r`` and equals the
+    reference step ``i`` exactly; so an error carried forward from a wrong step makes later steps False,
+    while a step back on the correct running value is True again. The next step is True iff it reads
+    ``The answer is \\boxed{N}`` (optional period) with the true answer N. Anything further, and anything
+    that does not parse, is False. Never raises on a bad completion; runs in linear time.
+    """
+    expression = problem.expression if isinstance(problem, ArithmeticProblem) else problem
+    ref_steps, answer = _reference(expression)
+    labels = []
+    for i, step in enumerate(split_steps(completion)):
+        if i < len(ref_steps):
+            m = _STEP_RE.fullmatch(step)
+            ok = (
+                m is not None
+                and (
+                    _canonical_int(m.group(1)),
+                    m.group(2),
+                    _canonical_int(m.group(3)),
+                    _canonical_int(m.group(4)),
+                )
+                == ref_steps[i]
+            )
+        elif i == len(ref_steps):
+            m = _ANSWER_RE.fullmatch(step)
+            ok = m is not None and _canonical_int(m.group(1)) == answer
+        else:
+            ok = False
+        labels.append(ok)
+    return labels
+
+
+def is_rationale_correct(problem: ArithmeticProblem | str, completion: str) -> bool:
+    """True iff every step is correct and the final answer step is present."""
+    labels = label_steps(problem, completion)
+    n_steps = len(_reference(problem.expression if isinstance(problem, ArithmeticProblem) else problem)[0])
+    return len(labels) == n_steps + 1 and all(labels)
+
+
+def first_error_step(problem: ArithmeticProblem | str, completion: str) -> int | None:
+    """Index of the first False step, or None when no step is wrong (the completion may be incomplete)."""
+    for i, ok in enumerate(label_steps(problem, completion)):
+        if not ok:
+            return i
+    return None
