@@ -76,6 +76,11 @@ def _wanted(levels_to_train: Collection[Level | str]) -> set[Level]:
         ) from None
 
 
+def _check_cap(value: object, name: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}.")
+
+
 def _dedupe_key(completion: Any) -> Any:
     return completion if isinstance(completion, str) else repr(completion)
 
@@ -100,14 +105,7 @@ def select_sft_rows(
         Rows ``{"prompt", "completion", "problem_id", "score", "rank"}``, problems in order of first
         appearance, each problem's rows best first.
     """
-    if max_rows_per_problem is not None and (
-        isinstance(max_rows_per_problem, bool)
-        or not isinstance(max_rows_per_problem, int)
-        or max_rows_per_problem < 1
-    ):
-        raise ValueError(
-            f"`max_rows_per_problem` must be a positive integer or None, got {max_rows_per_problem!r}."
-        )
+    _check_cap(max_rows_per_problem, "max_rows_per_problem")
     wanted = _wanted(train_levels)
     rows: list[dict] = []
     for problem_id, group in group_by_problem(samples).items():
@@ -156,14 +154,7 @@ def select_dpo_pairs(
         Rows ``{"prompt", "chosen", "rejected", "problem_id", "chosen_score", "rejected_score"}``,
         shuffled.
     """
-    if max_pairs_per_problem is not None and (
-        isinstance(max_pairs_per_problem, bool)
-        or not isinstance(max_pairs_per_problem, int)
-        or max_pairs_per_problem < 1
-    ):
-        raise ValueError(
-            f"`max_pairs_per_problem` must be a positive integer or None, got {max_pairs_per_problem!r}."
-        )
+    _check_cap(max_pairs_per_problem, "max_pairs_per_problem")
     wanted = _wanted(train_levels)
     rng = random.Random(seed)
     pairs: list[dict] = []
