@@ -1,9 +1,12 @@
 """The ``hsstar`` command.
 
-Sub-commands arrive with the issues that build them: ``hsstar train`` (run the HS-STaR loop from a
-YAML config), ``hsstar demo`` (the loop on the embedded arithmetic world, CPU only, no downloads) and
-``hsstar bench`` (the equal-budget comparison with the baselines). Today it offers ``world``, which
-prints problems of the embedded world with their reference rationales and step labels.
+``hsstar train --config x.yaml [--field value ...]``
+    Run the HS-STaR loop from a recipe YAML (the trainer follows the YAML's ``objective``: sft or dpo); the
+    same as ``accelerate launch recipes/hsstar.py --config x.yaml``.
+``hsstar world``
+    Print problems of the embedded arithmetic world with their reference rationales and step labels.
+
+``hsstar demo`` and ``hsstar bench`` arrive next.
 """
 
 from __future__ import annotations
@@ -28,6 +31,12 @@ def _world(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .recipe import run
+
+    return run(args.recipe_args)
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hsstar",
@@ -35,10 +44,17 @@ def make_parser() -> argparse.ArgumentParser:
             "HS-STaR on TRL: sample a model's own solutions, estimate each problem's difficulty from answer "
             "accuracy and a process reward model, spend the budget on boundary problems, train, repeat."
         ),
-        epilog="Coming next: `hsstar train --config x.yaml`, `hsstar demo`, `hsstar bench`. See docs/.",
+        epilog="Coming next: `hsstar demo`, `hsstar bench`. See docs/.",
     )
     parser.add_argument("--version", action="version", version=f"trl-hsstar {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    train = sub.add_parser(
+        "train",
+        help="run the HS-STaR loop from a recipe YAML: hsstar train --config recipes/configs/toy_cpu.yaml",
+        add_help=False,
+    )
+    train.add_argument("recipe_args", nargs=argparse.REMAINDER, help="--config x.yaml and field overrides")
+    train.set_defaults(func=_train)
     world = sub.add_parser("world", help="print problems of the embedded arithmetic world")
     world.add_argument("--num-problems", type=int, default=3)
     world.add_argument("--max-operands", type=int, default=4)
@@ -49,6 +65,10 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"] and not {"-h", "--help"} & set(argv[1:2]):
+        # everything after `train` belongs to the recipe's TrlParser (argparse's REMAINDER drops leading --options)
+        return _train(argparse.Namespace(recipe_args=argv[1:]))
     parser = make_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:

@@ -1,0 +1,259 @@
+"""Throughput of the sample-and-verify phase against a bare ``model.generate`` loop.
+
+Target: ``TransformersSampler.generate`` plus ``MathVerifier().verify_batch`` on every completion runs at
+>= 0.9x the throughput of a bare loop that tokenizes, generates and decodes the same expanded prompt list
+(in its original order) at the same batch size and sampling settings.
+
+Both sides sample the same distribution (temperature, top-p, top-k off) from the default-size toy model
+of ``trl_hsstar.toy``, once per ``--pretrain-steps`` value: untrained (0: random characters, mostly cut
+by ``--max-new-tokens``, which the verifier rejects at once) and briefly trained (real rationales that end
+in EOS and are checked for real). Runs alternate baseline / candidate after one warm-up of each, and the
+medians are reported.
+
+    python benchmarks/bench_sampling.py                                   # print the results
+    python benchmarks/bench_sampling.py --output docs/benchmarks.md       # (re)write its section there
+
+Run it on an otherwise idle machine: the load average before and after is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from trl_hsstar.sampling import SamplingParams, TransformersSampler
+from trl_hsstar.toy import build_char_tokenizer, build_tiny_model, generate_problems
+from trl_hsstar.verify import MathVerifier
+
+START, END = "<!-- bench_sampling:start -->", "<!-- bench_sampling:end -->"
+INTRO = """# Benchmarks
+
+Speed and memory targets are measured by the scripts under `benchmarks/`, not by the tests. Each
+script (re)writes its own section of this file between its markers; rerun the command shown in a
+section to reproduce it.
+"""
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def count_tokens(new_tokens: torch.Tensor, eos_id: int) -> int:
+    """Generated tokens up to and including the first EOS of each row (the sampler's rule)."""
+    is_eos = new_tokens == eos_id
+    has = is_eos.any(dim=1)
+    first = is_eos.to(torch.int8).argmax(dim=1)
+    return int(torch.where(has, first + 1, new_tokens.shape[1]).sum())
+
+
+def run_baseline(model, tok, prompts: list[str], batch_size: int, params: SamplingParams, seed: int):
+    """The bare loop: batches in input order, left padding, generate, decode. Returns (seconds, tokens)."""
+    torch.manual_seed(seed)
+    tok.padding_side = "left"
+    start = time.perf_counter()
+    tokens = 0
+    texts: list[str] = []
+    with torch.no_grad():
+        for b in range(0, len(prompts), batch_size):
+            enc = tok(prompts[b : b + batch_size], return_tensors="pt", padding=True)
+            out = model.generate(
+                **enc,
+                do_sample=True,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=0,
+                max_new_tokens=params.max_new_tokens,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+            new = out[:, enc["input_ids"].shape[1] :]
+            tokens += count_tokens(new, tok.eos_token_id)
+            texts += tok.batch_decode(new, skip_special_tokens=True)
+    seconds = time.perf_counter() - start
+    tok.padding_side = "right"
+    assert len(texts) == len(prompts)
+    return seconds, tokens
+
+
+def run_candidate(sampler, verifier, problems, samples_per_prompt: int, params: SamplingParams, seed: int):
+    """Sampler + verification of every completion. Returns (seconds, tokens, generate_s, verify_s, correct)."""
+    params = SamplingParams(
+        temperature=params.temperature, top_p=params.top_p, max_new_tokens=params.max_new_tokens, seed=seed
+    )
+    start = time.perf_counter()
+    results = sampler.generate([p.prompt for p in problems], [samples_per_prompt] * len(problems), params)
+    generated = time.perf_counter()
+    texts = [c.text for r in results for c in r]
+    references = [str(p.answer) for p, r in zip(problems, results) for _ in r]
+    verdicts = verifier.verify_batch(texts, references)
+    end = time.perf_counter()
+    tokens = sum(c.num_tokens for r in results for c in r)
+    return end - start, tokens, generated - start, end - generated, sum(verdicts)
+
+
+def write_section(path: Path, section: str) -> None:
+    text = path.read_text() if path.exists() else INTRO
+    block = f"{START}\n{section.rstrip()}\n{END}"
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        _, tail = rest.split(END, 1)
+        text = head + block + tail
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def measure(args, pretrain_steps: int) -> dict:
+    """Time both sides on the toy model trained for ``pretrain_steps`` (0: untrained)."""
+    tok = build_char_tokenizer()
+    model = build_tiny_model(tok, seed=args.seed)
+    if pretrain_steps:
+        from trl_hsstar.toy.train import pretrain_reasoner
+
+        pretrain_reasoner(model, tok, steps=pretrain_steps, seed=args.seed)
+    model.eval()
+    problems = generate_problems(args.num_prompts, operands=(2, 4), digits=1, seed=args.seed)
+    flat_prompts = [p.prompt for p in problems for _ in range(args.samples_per_prompt)]
+    params = SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens
+    )
+    sampler = TransformersSampler(model, tok, batch_size=args.batch_size, progress=False)
+    verifier = MathVerifier()
+    verifier("\\boxed{\\sqrt{4}}", "2")  # start the math-verify worker outside the timed runs
+
+    # one warm-up of each side, then alternate
+    run_baseline(model, tok, flat_prompts, args.batch_size, params, seed=args.seed)
+    run_candidate(sampler, verifier, problems, args.samples_per_prompt, params, seed=args.seed)
+    base_runs, cand_runs = [], []
+    for r in range(args.repeats):
+        seed = args.seed + 1 + r
+        base_runs.append(run_baseline(model, tok, flat_prompts, args.batch_size, params, seed))
+        cand_runs.append(run_candidate(sampler, verifier, problems, args.samples_per_prompt, params, seed))
+        print(
+            f"[pretrain {pretrain_steps}] run {r}: baseline {base_runs[-1][0]:.2f}s {base_runs[-1][1]} tok | "
+            f"candidate {cand_runs[-1][0]:.2f}s {cand_runs[-1][1]} tok "
+            f"(generate {cand_runs[-1][2]:.2f}s, verify {cand_runs[-1][3]:.3f}s, correct {cand_runs[-1][4]})",
+            file=sys.stderr,
+        )
+    verifier.close()
+
+    n = len(flat_prompts)
+    med = statistics.median
+    base = {"seconds": med(s for s, _ in base_runs), "samples_s": med(n / s for s, _ in base_runs)}
+    base["tokens_s"] = med(t / s for s, t in base_runs)
+    base["tokens_per_sample"] = statistics.mean(t for _, t in base_runs) / n
+    cand = {"seconds": med(c[0] for c in cand_runs), "samples_s": med(n / c[0] for c in cand_runs)}
+    cand["tokens_s"] = med(c[1] / c[0] for c in cand_runs)
+    cand["tokens_per_sample"] = statistics.mean(c[1] for c in cand_runs) / n
+    return {
+        "pretrain_steps": pretrain_steps,
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "baseline": base,
+        "candidate": cand,
+        "generate_s": med(c[2] for c in cand_runs),
+        "verify_s": med(c[3] for c in cand_runs),
+        "correct": statistics.mean(c[4] for c in cand_runs) / n,
+        "ratio_samples": cand["samples_s"] / base["samples_s"],
+        "ratio_tokens": cand["tokens_s"] / base["tokens_s"],
+    }
+
+
+def table(result: dict) -> str:
+    base, cand = result["baseline"], result["candidate"]
+    steps = result["pretrain_steps"]
+    title = (
+        f"Toy model trained for {steps} steps (`pretrain_reasoner`): real rationales ending in EOS"
+        if steps
+        else "Untrained toy model: random characters, ended by a chance EOS or by `max_new_tokens`"
+    )
+    return f"""**{title}**
+
+| | baseline: bare generate loop | candidate: sampler + verify | candidate / baseline |
+|---|---:|---:|---:|
+| samples/s | {base["samples_s"]:.1f} | {cand["samples_s"]:.1f} | **{result["ratio_samples"]:.2f}x** |
+| completion tokens/s | {base["tokens_s"]:.0f} | {cand["tokens_s"]:.0f} | **{result["ratio_tokens"]:.2f}x** |
+| tokens per sample | {base["tokens_per_sample"]:.1f} | {cand["tokens_per_sample"]:.1f} | |
+| seconds per run | {base["seconds"]:.2f} | {cand["seconds"]:.2f} | |
+
+Candidate breakdown (medians): generate {result["generate_s"]:.2f} s, verify {result["verify_s"] * 1000:.1f} ms;
+{result["correct"]:.1%} of completions correct.
+"""
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--samples-per-prompt", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each side, alternating")
+    parser.add_argument(
+        "--pretrain-steps",
+        type=int,
+        nargs="+",
+        default=[0, 300],
+        help="one measurement per value: the toy model trained for that many steps first (0: untrained)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, default=None, help="markdown file whose section to (re)write")
+    args = parser.parse_args(argv)
+
+    load_before = os.getloadavg()
+    results = [measure(args, steps) for steps in args.pretrain_steps]
+    load_after = os.getloadavg()
+
+    n = args.num_prompts * args.samples_per_prompt
+    command = "python benchmarks/bench_sampling.py" + "".join(
+        f" {a}" for a in (sys.argv[1:] if argv is None else argv)
+    )
+    tables = "\n".join(table(r) for r in results)
+    section = f"""## Sampling throughput (`benchmarks/bench_sampling.py`)
+
+Target: the whole sample-and-verify phase (`TransformersSampler.generate`, then
+`MathVerifier().verify_batch` on every completion) at >= 0.9x the throughput of a bare
+`model.generate` loop over the same expanded prompts (input order, left padding, decode) at the same
+batch size and sampling settings.
+
+```bash
+{command}
+```
+
+Setup: the default toy Llama ({results[0]["num_params"] / 1e6:.2f}M parameters, float32);
+{args.num_prompts} toy prompts (2 to 4 one-digit operands) x {args.samples_per_prompt} samples = {n}
+samples per run, batch size {args.batch_size}, temperature {args.temperature}, top-p {args.top_p}
+(top-k off on both sides), `max_new_tokens={args.max_new_tokens}`; {args.repeats} timed runs per side,
+alternating, after one warm-up each; medians. Tokens are counted up to and including the first EOS on
+both sides.
+
+{tables}
+Environment: {cpu_model()}, `torch.get_num_threads()` = {torch.get_num_threads()}; load average
+(1 / 5 min) {load_before[0]:.2f} / {load_before[1]:.2f} before, {load_after[0]:.2f} / {load_after[1]:.2f}
+after; torch {torch.__version__}, transformers {transformers.__version__}, Python
+{platform.python_version()}.
+"""
+    print(section)
+    if args.output is not None:
+        write_section(args.output, section)
+        print(f"wrote {args.output}", file=sys.stderr)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""Configurations: :class:`HSStarConfig` (on ``trl.SFTConfig``) and :class:`HSStarDPOConfig` (on ``trl.DPOConfig``).
+
+Both carry the same HS-STaR fields, declared once in :class:`HSStarArguments`, and validate them in
+``__post_init__`` before any model is loaded, so a bad value fails in seconds with a message that
+names the field and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import DPOConfig, SFTConfig
+
+from .budget import STRATEGIES
+from .difficulty import ESTIMATORS, validate_thresholds
+from .rewards import AGGREGATIONS
+
+__all__ = ["HSStarArguments", "HSStarConfig", "HSStarDPOConfig"]
+
+# TRL GRPO's vLLM field names, reserved so that users' YAML carries over once the vLLM backend lands.
+_VLLM_FIELDS = {
+    "use_vllm": False,
+    "vllm_mode": "colocate",
+    "vllm_server_base_url": None,
+    "vllm_server_host": "0.0.0.0",
+    "vllm_server_port": 8000,
+    "vllm_server_timeout": 240.0,
+    "vllm_gpu_memory_utilization": 0.3,
+    "vllm_tensor_parallel_size": 1,
+    "vllm_max_model_length": None,
+    "vllm_enable_sleep_mode": False,
+}
+
+
+def _accelerator_available() -> bool:
+    import torch
+
+    if torch.cuda.is_available():
+        return True
+    for name in ("xpu", "npu", "mlu", "musa"):
+        backend = getattr(torch, name, None)
+        if backend is not None and getattr(backend, "is_available", lambda: False)():
+            return True
+    return False
+
+
+@dataclass
+class HSStarArguments:
+    r"""
+    The HS-STaR fields shared by [`HSStarConfig`] and [`HSStarDPOConfig`]. Defaults are the authors' release.
+
+    Parameters:
+        > Parameters that control the iterations
+
+        num_iterations (`int`, *optional*, defaults to `3`):
+            Number of HS-STaR iterations. Each samples, scores, selects, then runs one ordinary training pass
+            (`num_train_epochs` epochs, its own optimizer and learning-rate schedule) continuing from the previous
+            iteration's model.
+        problems_per_iteration (`int`, *optional*):
+            Fresh problems per iteration, taken in order from the shuffled dataset without overlap. If unset, the
+            dataset is split evenly into `num_iterations` parts.
+        answer_column (`str`, *optional*, defaults to `"answer"`):
+            Column of the dataset holding the reference answer.
+        problem_id_column (`str`, *optional*, defaults to `"id"`):
+            Column with a unique id per problem; if the dataset has no such column, the row index is used.
+
+        > Parameters that control sampling
+
+        sampling_budget (`int`, *optional*, defaults to `8`):
+            B: the average number of samples per problem per iteration. An iteration spends exactly B × N samples.
+        num_presamples (`int`, *optional*, defaults to `3`):
+            n_p: samples per problem in the pre-sampling phase, which estimates difficulty.
+        temperature (`float`, *optional*, defaults to `0.7`):
+            Sampling temperature.
+        top_p (`float`, *optional*, defaults to `0.95`):
+            Nucleus sampling probability.
+        max_completion_length (`int`, *optional*, defaults to `512`):
+            Maximum number of tokens generated per sample.
+        generation_batch_size (`int`, *optional*, defaults to `64`):
+            Sequences generated per `generate` call (per process).
+
+        > Parameters that control difficulty estimation and budget allocation
+
+        difficulty_estimator (`str`, *optional*, defaults to `"hsstar"`):
+            `"hsstar"` (answer accuracy and reward), `"accuracy"` or `"reward"` (the paper's ablations).
+        reward_thresholds (`list[float]`, *optional*):
+            (tau_l, tau_h), with 0 <= tau_l < tau_h <= 1. Taken from the published table when the process reward
+            model is one of the released ones; required otherwise when the estimator uses rewards.
+        reward_aggregation (`str`, *optional*, defaults to `"min"`):
+            How a process reward model's step rewards make S(r): `"min"`, `"prod"` or `"last"`.
+        allocation (`str`, *optional*, defaults to `"hsstar"`):
+            Budget strategy: `"hsstar"`, or the equal-budget baselines `"uniform"` (STaR/RFT), `"prop2diff"`
+            (DART-Math) and `"band"` (non-zero pass-rate variance).
+        reward_batch_size (`int`, *optional*, defaults to `16`):
+            Sequences per forward pass of a reward model.
+        verifier_timeout (`float`, *optional*, defaults to `5.0`):
+            Seconds one answer check may take before it counts as wrong.
+
+        > Parameters that control training data
+
+        max_rows_per_problem (`int`, *optional*, defaults to `4`):
+            Most SFT rows (or DPO pairs) kept per problem, best S(r) first. `None` keeps all.
+        train_levels (`list[str]`, *optional*, defaults to `["boundary"]`):
+            Levels whose problems give training data.
+
+        > Reserved for the vLLM backend (TRL GRPO's names)
+
+        use_vllm (`bool`, *optional*, defaults to `False`):
+            Generate with vLLM. Not available yet: setting it raises an error.
+    """
+
+    # iterations
+    num_iterations: int = field(default=3, metadata={"help": "Number of HS-STaR iterations."})
+    problems_per_iteration: int | None = field(
+        default=None,
+        metadata={
+            "help": "Fresh problems per iteration (no overlap). Unset: the dataset split evenly over iterations."
+        },
+    )
+    answer_column: str = field(
+        default="answer", metadata={"help": "Dataset column with the reference answer."}
+    )
+    problem_id_column: str = field(
+        default="id", metadata={"help": "Dataset column with a unique problem id (row index if absent)."}
+    )
+    # sampling
+    sampling_budget: int = field(
+        default=8, metadata={"help": "B: average samples per problem per iteration."}
+    )
+    num_presamples: int = field(default=3, metadata={"help": "n_p: pre-samples per problem."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature."})
+    top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling probability."})
+    max_completion_length: int = field(default=512, metadata={"help": "Maximum tokens generated per sample."})
+    generation_batch_size: int = field(
+        default=64, metadata={"help": "Sequences per generate call (per process)."}
+    )
+    # difficulty and allocation
+    difficulty_estimator: str = field(
+        default="hsstar", metadata={"help": f"Difficulty estimator, one of {ESTIMATORS}."}
+    )
+    reward_thresholds: list[float] | None = field(
+        default=None,
+        metadata={"help": "(tau_l, tau_h). Default: the published pair for a released PRM, else required."},
+    )
+    reward_aggregation: str = field(
+        default="min", metadata={"help": f"Step reward aggregation, one of {AGGREGATIONS}."}
+    )
+    allocation: str = field(default="hsstar", metadata={"help": f"Budget strategy, one of {STRATEGIES}."})
+    reward_batch_size: int = field(default=16, metadata={"help": "Sequences per reward-model forward pass."})
+    verifier_timeout: float = field(
+        default=5.0, metadata={"help": "Seconds per answer check before it counts as wrong."}
+    )
+    # training data
+    max_rows_per_problem: int | None = field(
+        default=4,
+        metadata={"help": "Most SFT rows / DPO pairs per problem (best S(r) first). None keeps all."},
+    )
+    train_levels: list[str] = field(
+        default_factory=lambda: ["boundary"], metadata={"help": "Levels whose problems give training data."}
+    )
+    # reserved for vLLM (TRL GRPO names)
+    use_vllm: bool = field(
+        default=False, metadata={"help": "Generate with vLLM (reserved: not available yet)."}
+    )
+    vllm_mode: str = field(default="colocate", metadata={"help": "Reserved for the vLLM backend."})
+    vllm_server_base_url: str | None = field(
+        default=None, metadata={"help": "Reserved for the vLLM backend."}
+    )
+    vllm_server_host: str = field(default="0.0.0.0", metadata={"help": "Reserved for the vLLM backend."})
+    vllm_server_port: int = field(default=8000, metadata={"help": "Reserved for the vLLM backend."})
+    vllm_server_timeout: float = field(default=240.0, metadata={"help": "Reserved for the vLLM backend."})
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3, metadata={"help": "Reserved for the vLLM backend."}
+    )
+    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "Reserved for the vLLM backend."})
+    vllm_max_model_length: int | None = field(
+        default=None, metadata={"help": "Reserved for the vLLM backend."}
+    )
+    vllm_enable_sleep_mode: bool = field(default=False, metadata={"help": "Reserved for the vLLM backend."})
+
+    def _validate_hsstar(self) -> None:
+        """Check every HS-STaR field; raise ``ValueError`` naming the field and the fix."""
+
+        def positive_int(name: str, allow_none: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+
+        for name in ("num_iterations", "sampling_budget", "max_completion_length", "generation_batch_size"):
+            positive_int(name)
+        positive_int("reward_batch_size")
+        positive_int("problems_per_iteration", allow_none=True)
+        positive_int("max_rows_per_problem", allow_none=True)
+        if (
+            isinstance(self.num_presamples, bool)
+            or not isinstance(self.num_presamples, int)
+            or self.num_presamples < 0
+        ):
+            raise ValueError(f"`num_presamples` must be a non-negative integer, got {self.num_presamples!r}.")
+        if self.num_presamples > self.sampling_budget:
+            raise ValueError(
+                f"`num_presamples` ({self.num_presamples}) exceeds `sampling_budget` ({self.sampling_budget}): "
+                "pre-sampling cannot spend more than the whole budget. Lower `num_presamples` or raise "
+                "`sampling_budget`."
+            )
+        if not self.temperature >= 0:
+            raise ValueError(f"`temperature` must be >= 0 (0 is greedy), got {self.temperature!r}.")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"`top_p` must be in (0, 1], got {self.top_p!r}.")
+        if not self.verifier_timeout > 0:
+            raise ValueError(f"`verifier_timeout` must be positive, got {self.verifier_timeout!r}.")
+        if self.difficulty_estimator not in ESTIMATORS:
+            raise ValueError(
+                f"`difficulty_estimator` must be one of {ESTIMATORS}, got {self.difficulty_estimator!r}."
+            )
+        if self.reward_aggregation not in AGGREGATIONS:
+            raise ValueError(
+                f"`reward_aggregation` must be one of {AGGREGATIONS}, got {self.reward_aggregation!r}."
+            )
+        if self.allocation not in STRATEGIES:
+            raise ValueError(f"`allocation` must be one of {STRATEGIES}, got {self.allocation!r}.")
+        if self.reward_thresholds is not None:
+            self.reward_thresholds = list(validate_thresholds(self.reward_thresholds))
+        levels = ("easy", "boundary", "hard")
+        if not self.train_levels or any(level not in levels for level in self.train_levels):
+            raise ValueError(
+                f"`train_levels` must be a non-empty list of {levels}, got {self.train_levels!r}."
+            )
+        if not self.answer_column:
+            raise ValueError("`answer_column` must name the dataset column with the reference answers.")
+        for name, default in _VLLM_FIELDS.items():
+            value = getattr(self, name)
+            if value != default:
+                raise ValueError(
+                    f"`{name}={value!r}`: the vLLM backend is not available in this version of trl-hsstar; the "
+                    "field is reserved (TRL GRPO's name) so that your config carries over. Remove it to sample "
+                    "with transformers `generate`."
+                )
+
+    def _default_bf16_for_this_machine(self) -> None:
+        # TRL turns bf16 on by default, which fails on a machine without an accelerator: switch the default off.
+        if (
+            getattr(self, "bf16", None) is None
+            and not getattr(self, "fp16", False)
+            and not _accelerator_available()
+        ):
+            self.bf16 = False
+
+
+@dataclass
+class HSStarConfig(SFTConfig, HSStarArguments):
+    r"""
+    Configuration of [`HSStarTrainer`]: every [`~trl.SFTConfig`] field (each iteration's training pass is an
+    ordinary SFT run on the selected rows, completion-only loss) plus the HS-STaR fields of [`HSStarArguments`].
+    Each iteration trains one epoch with a fresh optimizer and its own cosine schedule with 3% warm-up, as in the
+    authors' release.
+
+    Example:
+        ```python
+        from trl_hsstar import HSStarConfig
+
+        args = HSStarConfig(output_dir="out", num_iterations=3, sampling_budget=8, num_presamples=3)
+        ```
+    """
+
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "The scheduler type to use."})
+    warmup_steps: float = field(
+        default=0.03, metadata={"help": "Warm-up steps; below 1, a fraction of the steps."}
+    )
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs per iteration."})
+
+    def __post_init__(self):
+        self._validate_hsstar()
+        self._default_bf16_for_this_machine()
+        super().__post_init__()
+
+
+@dataclass
+class HSStarDPOConfig(DPOConfig, HSStarArguments):
+    r"""
+    Configuration of [`HSStarDPOTrainer`]: every [`~trl.DPOConfig`] field plus the HS-STaR fields of
+    [`HSStarArguments`]. The defaults follow the authors' release: learning rate 5e-7, cosine schedule with 3%
+    warm-up, one epoch per iteration; the reference model of iteration t is the policy at its start (reference
+    log-probabilities are precomputed, so no second model is held in memory).
+    """
+
+    learning_rate: float = field(default=5e-7, metadata={"help": "The initial learning rate for AdamW."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "The scheduler type to use."})
+    warmup_steps: float = field(
+        default=0.03, metadata={"help": "Warm-up steps; below 1, a fraction of the steps."}
+    )
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs per iteration."})
+    precompute_ref_log_probs: bool = field(
+        default=True,
+        metadata={"help": "Precompute the reference (the policy at the start of each iteration) log-probs."},
+    )
+
+    def __post_init__(self):
+        self._validate_hsstar()
+        self._default_bf16_for_this_machine()
+        super().__post_init__()

@@ -1,0 +1,204 @@
+"""What the recipes run: parse ``--config x.yaml`` (TRL's ``TrlParser``), load problems, model and rewards, train.
+
+``recipes/hsstar.py`` (SFT) and ``recipes/hsstar_dpo.py`` (DPO) are thin scripts around :func:`main`, and
+``hsstar train --config x.yaml`` runs the same code, choosing the trainer from the YAML's ``objective``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from trl import ModelConfig, ScriptArguments, TrlParser
+
+from .config import HSStarConfig, HSStarDPOConfig
+
+__all__ = ["HSStarScriptArguments", "main", "make_parser", "run"]
+
+OBJECTIVES = ("sft", "dpo")
+
+
+@dataclass
+class HSStarScriptArguments(ScriptArguments):
+    """Script arguments of the HS-STaR recipes (on top of TRL's ``ScriptArguments``).
+
+    ``dataset_name: toy`` and ``model_name_or_path: toy`` select the embedded arithmetic world and its tiny
+    reasoner, built on the CPU with no download.
+    """
+
+    objective: str = field(default="sft", metadata={"help": f"Training objective, one of {OBJECTIVES}."})
+    prompt_column: str = field(default="prompt", metadata={"help": "Dataset column with the problem text."})
+    system_prompt: str | None = field(
+        default=None,
+        metadata={"help": "If set, prompts become chat messages: this system turn, then the problem."},
+    )
+    reward_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Process (or outcome) reward model giving S(r)."}
+    )
+    reward_funcs: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Reward functions as 'module:function' (or 'oracle' for the toy world's step checker)."
+        },
+    )
+    toy_num_problems: int = field(default=600, metadata={"help": "Toy world: number of problems generated."})
+    toy_operands: list[int] = field(
+        default_factory=lambda: [2, 6], metadata={"help": "Toy world: operand range."}
+    )
+    toy_digits: list[int] = field(
+        default_factory=lambda: [1, 1], metadata={"help": "Toy world: digit range."}
+    )
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"`objective` must be one of {OBJECTIVES}, got {self.objective!r}.")
+
+
+def make_parser(objective: str = "sft") -> TrlParser:
+    config_cls = HSStarDPOConfig if objective == "dpo" else HSStarConfig
+    return TrlParser((HSStarScriptArguments, config_cls, ModelConfig))
+
+
+def _peek_objective(argv: Sequence[str]) -> str:
+    """The objective from ``--objective`` or the YAML given with ``--config`` (default ``sft``)."""
+    argv = list(argv)
+    for i, a in enumerate(argv):
+        if a == "--objective" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--objective="):
+            return a.split("=", 1)[1]
+    for i, a in enumerate(argv):
+        path = (
+            argv[i + 1]
+            if a == "--config" and i + 1 < len(argv)
+            else a.split("=", 1)[1]
+            if a.startswith("--config=")
+            else None
+        )
+        if path:
+            import yaml
+
+            with open(path, encoding="utf-8") as f:
+                return (yaml.safe_load(f) or {}).get("objective", "sft")
+    return "sft"
+
+
+def parse(argv: Sequence[str] | None = None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return make_parser(_peek_objective(argv)).parse_args_and_config(args=argv)
+
+
+def _load_problems(script_args: HSStarScriptArguments, training_args):
+    from datasets import Dataset, load_dataset
+
+    if script_args.dataset_name == "toy":
+        from .toy import generate_problems, problems_to_dataset_dict
+
+        problems = generate_problems(
+            script_args.toy_num_problems,
+            operands=tuple(script_args.toy_operands),
+            digits=tuple(script_args.toy_digits),
+            seed=training_args.seed,
+        )
+        return Dataset.from_dict(problems_to_dataset_dict(problems))
+    if script_args.dataset_name is None:
+        raise ValueError("`dataset_name` is required: a Hub dataset, a local .json/.jsonl file, or `toy`.")
+    if script_args.dataset_name.endswith((".json", ".jsonl")):
+        dataset = load_dataset("json", data_files=script_args.dataset_name, split="train")
+    else:
+        dataset = load_dataset(
+            script_args.dataset_name, name=script_args.dataset_config, split=script_args.dataset_train_split
+        )
+    column = script_args.prompt_column
+    if column not in dataset.column_names:
+        raise ValueError(
+            f"`prompt_column` {column!r} is not a column of the dataset ({dataset.column_names})."
+        )
+    if script_args.system_prompt is not None:
+        system = script_args.system_prompt
+
+        def to_messages(row):
+            return {
+                "prompt": [{"role": "system", "content": system}, {"role": "user", "content": row[column]}]
+            }
+
+        dataset = dataset.map(to_messages, remove_columns=[column] if column != "prompt" else None)
+    elif column != "prompt":
+        dataset = dataset.rename_column(column, "prompt")
+    return dataset
+
+
+def _load_reward_funcs(script_args: HSStarScriptArguments):
+    funcs: list = []
+    if script_args.reward_model_name_or_path:
+        funcs.append(script_args.reward_model_name_or_path)
+    for spec in script_args.reward_funcs or []:
+        if spec == "oracle":
+            from .toy.oracle import OracleStepReward
+
+            funcs.append(OracleStepReward())
+            continue
+        module, _, name = spec.partition(":")
+        if not name:
+            raise ValueError(
+                f"`reward_funcs` entry {spec!r} must look like 'package.module:function' (or 'oracle')."
+            )
+        funcs.append(getattr(importlib.import_module(module), name))
+    return funcs or None
+
+
+def main(script_args: HSStarScriptArguments, training_args, model_args: ModelConfig):
+    """Build the trainer from parsed arguments and run the HS-STaR loop."""
+    from trl import get_peft_config, get_quantization_config
+
+    from .trainer import HSStarDPOTrainer, HSStarTrainer
+
+    problems = _load_problems(script_args, training_args)
+    reward_funcs = _load_reward_funcs(script_args)
+
+    model = model_args.model_name_or_path
+    if model == "toy":
+        from .toy.world import toy_reasoner_path
+
+        model = str(toy_reasoner_path())
+    model_init_kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    model_init_kwargs.update(training_args.model_init_kwargs or {})
+    training_args.model_init_kwargs = model_init_kwargs
+
+    trainer_cls = HSStarDPOTrainer if script_args.objective == "dpo" else HSStarTrainer
+    trainer = trainer_cls(
+        model=model,
+        args=training_args,
+        train_dataset=problems,
+        reward_funcs=reward_funcs,
+        quantization_config=get_quantization_config(model_args),
+        peft_config=get_peft_config(model_args),
+    )
+    trainer.train()
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(
+        f"HS-STaR finished: {len(trainer.iteration_stats)} iterations, model in {training_args.output_dir}"
+    )
+    for stats in trainer.iteration_stats:
+        trainer.accelerator.print(
+            f"  iteration {stats['iteration']}: levels {stats['levels']}, budget {stats['budget_spent']}/"
+            f"{stats['budget_planned']}, rows {stats['rows']}, pre-sample accuracy {stats['presample_accuracy']:.3f}"
+        )
+    if hasattr(trainer, "end"):
+        trainer.end()
+    return trainer
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    script_args, training_args, model_args = parse(argv)
+    main(script_args, training_args, model_args)
+    return 0

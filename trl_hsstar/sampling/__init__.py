@@ -1,0 +1,41 @@
+"""Samplers: generate ``num_samples[i]`` completions for each already-rendered prompt.
+
+:class:`Sampler` is the interface (:mod:`trl_hsstar.sampling.base`, standard library only); each backend
+is one module: :class:`TransformersSampler` (``model.generate``). Backends are imported lazily, so
+``from trl_hsstar.sampling import Sampler, SamplingParams`` does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .base import Completion, Sampler, SamplingParams, SamplingStats, expand_requests, validate_request
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .transformers_sampler import TransformersSampler
+
+_LAZY = {"TransformersSampler": "transformers_sampler"}
+
+__all__ = [
+    "Completion",
+    "Sampler",
+    "SamplingParams",
+    "SamplingStats",
+    "TransformersSampler",
+    "expand_requests",
+    "validate_request",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,189 @@
+"""The sampler interface: prompts in, ``num_samples[i]`` completions for ``prompts[i]`` out.
+
+A backend (transformers ``generate``, vLLM, a server) is one subclass of :class:`Sampler` that implements
+:meth:`Sampler.generate`. What every backend shares lives here: the request validation
+(:func:`validate_request`), the flat expansion of a request (:func:`expand_requests`) and the cumulative
+accounting (:meth:`Sampler._record`), so callers can report samples and tokens per second whatever the
+backend.
+
+This module imports only the standard library.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "Completion",
+    "Sampler",
+    "SamplingParams",
+    "SamplingStats",
+    "expand_requests",
+    "validate_request",
+]
+
+FINISH_REASONS = ("stop", "length")
+
+
+def _check_params(temperature: object, top_p: object, max_new_tokens: object, seed: object) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise ValueError(f"`temperature` must be a number, got {temperature!r}.")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"`temperature` must be finite and >= 0 (0 means greedy), got {temperature!r}.")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"`top_p` must be in (0, 1], got {top_p!r}.")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"`max_new_tokens` must be an integer >= 1, got {max_new_tokens!r}.")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"`seed` must be an integer or None, got {seed!r}.")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample.
+
+    Args:
+        temperature: softmax temperature; ``0`` means greedy decoding (then ``top_p`` is unused).
+        top_p: nucleus sampling probability, in ``(0, 1]``. No other truncation is applied (no top-k).
+        max_new_tokens: the most tokens generated per completion (EOS included).
+        seed: seeds the sampling RNG for the call: the same seed gives the same completions on the same
+            machine, backend and batching. ``None`` uses (and advances) the backend's global RNG.
+    """
+
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_new_tokens: int = 512
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_params(self.temperature, self.top_p, self.max_new_tokens, self.seed)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sampled completion.
+
+    Attributes:
+        text: the decoded new tokens only, special tokens skipped, EOS (or a stop string) not included.
+        num_tokens: tokens generated, counted up to and including EOS (or the token completing a stop
+            string); padding is not counted.
+        finish_reason: ``"stop"`` (EOS or a stop string was generated) or ``"length"`` (hit
+            ``max_new_tokens``).
+    """
+
+    text: str
+    num_tokens: int
+    finish_reason: str
+
+
+@dataclass(frozen=True)
+class SamplingStats:
+    """A snapshot of a sampler's cumulative accounting (see :attr:`Sampler.stats`)."""
+
+    num_generated: int = 0
+    num_completion_tokens: int = 0
+    generation_seconds: float = 0.0
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.num_generated / self.generation_seconds if self.generation_seconds > 0 else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.num_completion_tokens / self.generation_seconds if self.generation_seconds > 0 else 0.0
+
+
+def validate_request(prompts: Sequence[str], num_samples: Sequence[int], params: SamplingParams) -> None:
+    """Raise a ``ValueError`` naming the offending field unless the request is well formed.
+
+    ``prompts`` is a sequence of str, ``num_samples`` a sequence of the same length of non-negative
+    ints, and ``params`` a :class:`SamplingParams` with sane values.
+    """
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise ValueError(f"`prompts` must be a sequence of str, got {type(prompts).__name__}.")
+    if isinstance(num_samples, (str, bytes)) or not isinstance(num_samples, Sequence):
+        raise ValueError(f"`num_samples` must be a sequence of int, got {type(num_samples).__name__}.")
+    if len(prompts) != len(num_samples):
+        raise ValueError(
+            f"`prompts` ({len(prompts)}) and `num_samples` ({len(num_samples)}) must have the same length."
+        )
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise ValueError(
+                f"`prompts[{i}]` must be a str (render chat prompts before sampling), got {type(prompt).__name__}."
+            )
+    for i, n in enumerate(num_samples):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"`num_samples[{i}]` must be a non-negative int, got {n!r}.")
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"`params` must be a SamplingParams, got {type(params).__name__}.")
+    _check_params(params.temperature, params.top_p, params.max_new_tokens, params.seed)
+
+
+def expand_requests(num_samples: Sequence[int]) -> list[int]:
+    """The flat list of prompt indices, prompt ``i`` repeated ``num_samples[i]`` times, in input order."""
+    return [i for i, n in enumerate(num_samples) for _ in range(n)]
+
+
+class Sampler(abc.ABC):
+    """Generates completions for already-rendered text prompts.
+
+    Subclasses implement :meth:`generate` (call :func:`validate_request` first, and :meth:`_record` with
+    the results) and, if they hold resources (an engine, a server), :meth:`close`. A sampler is also a
+    context manager that closes itself.
+
+    Attributes:
+        name: the backend's name, e.g. ``"transformers"``.
+        num_generated: completions generated so far, over all calls.
+        num_completion_tokens: completion tokens generated so far (``Completion.num_tokens`` summed).
+        generation_seconds: wall-clock seconds spent in :meth:`generate` so far.
+    """
+
+    name: str = "sampler"
+    num_generated: int = 0
+    num_completion_tokens: int = 0
+    generation_seconds: float = 0.0
+
+    @abc.abstractmethod
+    def generate(
+        self, prompts: Sequence[str], num_samples: Sequence[int], params: SamplingParams
+    ) -> list[list[Completion]]:
+        """Exactly ``num_samples[i]`` completions for ``prompts[i]``, as one list per prompt in input order.
+
+        Prompts are already-rendered text (chat templates are applied by the caller). A request for zero
+        samples in total spends no generation and returns empty lists.
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Release the backend's resources (a no-op unless the backend holds any)."""
+
+    def __enter__(self) -> Sampler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- accounting ----------------------------------------------------------------------------
+
+    @property
+    def stats(self) -> SamplingStats:
+        """The cumulative accounting as a snapshot (subtract two snapshots' fields for one phase)."""
+        return SamplingStats(self.num_generated, self.num_completion_tokens, self.generation_seconds)
+
+    def reset_stats(self) -> None:
+        self.num_generated = 0
+        self.num_completion_tokens = 0
+        self.generation_seconds = 0.0
+
+    def _record(self, results: Sequence[Sequence[Completion]], seconds: float) -> None:
+        """Add one call's completions and wall-clock time to the cumulative counters."""
+        self.num_generated += sum(len(r) for r in results)
+        self.num_completion_tokens += sum(c.num_tokens for r in results for c in r)
+        self.generation_seconds += float(seconds)
