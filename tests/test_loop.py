@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from datasets import Dataset, load_dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from trl_hsstar import artifacts as A
 from trl_hsstar.callbacks import HSStarCallback
@@ -239,10 +239,29 @@ class KeepOneRow(HSStarCallback):
         return rows[:1]
 
 
+class LogCatcher(TrainerCallback):
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs or {}))
+
+
 def test_callbacks_observe_and_filter(reasoner_dir, problems, tmp_path):
-    cb = KeepOneRow()
-    trainer, _ = make_trainer(reasoner_dir, problems, tmp_path, callbacks=[cb, StopAfterFirstIteration()])
+    cb, logs = KeepOneRow(), LogCatcher()
+    trainer, _ = make_trainer(
+        reasoner_dir, problems, tmp_path, callbacks=[cb, StopAfterFirstIteration(), logs]
+    )
     trainer.train()
+    # the iteration's metrics reach report_to (the Trainer's log event) as hsstar/ scalars
+    hsstar = [entry for entry in logs.logs if "hsstar/budget_spent" in entry]
+    assert len(hsstar) == 1 and hsstar[0]["hsstar/budget_spent"] == B * N
+    assert (
+        hsstar[0]["hsstar/levels/boundary"]
+        + hsstar[0]["hsstar/levels/easy"]
+        + hsstar[0]["hsstar/levels/hard"]
+        == N
+    )
     assert cb.seen == [(0, N, (B - NP) * N)]
     rows = A.IterationArtifacts(tmp_path, 0).read_jsonl(A.TRAIN_ROWS)
     assert len(rows) <= 1

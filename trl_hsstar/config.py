@@ -292,6 +292,9 @@ class HSStarDPOConfig(DPOConfig, HSStarArguments):
         default=0.03, metadata={"help": "Warm-up steps; below 1, a fraction of the steps."}
     )
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs per iteration."})
+    max_rows_per_problem: int | None = field(
+        default=None, metadata={"help": "Most DPO pairs per problem. None keeps all, as the release does."}
+    )
     precompute_ref_log_probs: bool = field(
         default=True,
         metadata={"help": "Precompute the reference (the policy at the start of each iteration) log-probs."},

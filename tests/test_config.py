@@ -1,0 +1,84 @@
+"""HSStarConfig / HSStarDPOConfig: TRL-style fields, validation before anything loads, CPU defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from trl import DPOConfig, SFTConfig, TrlParser
+
+from trl_hsstar.config import HSStarArguments, HSStarConfig, HSStarDPOConfig
+
+HSSTAR_FIELDS = [f.name for f in dataclasses.fields(HSStarArguments)]
+
+
+def test_subclasses_of_trl_configs_with_one_set_of_fields():
+    assert issubclass(HSStarConfig, SFTConfig) and issubclass(HSStarDPOConfig, DPOConfig)
+    for cls in (HSStarConfig, HSStarDPOConfig):
+        names = {f.name for f in dataclasses.fields(cls)}
+        assert set(HSSTAR_FIELDS) <= names
+    for f in dataclasses.fields(HSStarArguments):
+        assert f.metadata.get("help"), f"`{f.name}` has no help text"
+        assert f"{f.name} (" in HSStarArguments.__doc__ or f.name.startswith("vllm_"), (
+            f"`{f.name}` undocumented"
+        )
+
+
+def test_release_defaults(tmp_path):
+    args = HSStarConfig(output_dir=str(tmp_path))
+    assert (args.num_iterations, args.sampling_budget, args.num_presamples) == (3, 8, 3)
+    assert (args.temperature, args.top_p) == (0.7, 0.95)
+    assert (args.difficulty_estimator, args.allocation, args.reward_aggregation) == (
+        "hsstar",
+        "hsstar",
+        "min",
+    )
+    assert args.lr_scheduler_type == "cosine" and args.warmup_steps == 0.03 and args.num_train_epochs == 1
+    dpo = HSStarDPOConfig(output_dir=str(tmp_path))
+    assert dpo.learning_rate == 5e-7 and dpo.precompute_ref_log_probs and dpo.beta == 0.1
+    assert dpo.max_rows_per_problem is None  # the release keeps every pair
+
+
+def test_bf16_is_switched_off_without_an_accelerator(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert HSStarConfig(output_dir=str(tmp_path)).bf16 is False
+    assert HSStarDPOConfig(output_dir=str(tmp_path)).bf16 is False
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"num_presamples": 9}, "`num_presamples` .9. exceeds `sampling_budget` .8."),
+        ({"num_iterations": 0}, "`num_iterations` must be a positive integer"),
+        ({"sampling_budget": 0}, "`sampling_budget`"),
+        ({"reward_thresholds": [0.6, 0.2]}, "tau_l < tau_h"),
+        ({"reward_thresholds": [0.1, 1.2]}, r"\[0, 1\]"),
+        ({"difficulty_estimator": "vibes"}, "`difficulty_estimator`"),
+        ({"allocation": "greedy"}, "`allocation`"),
+        ({"reward_aggregation": "mean"}, "`reward_aggregation`"),
+        ({"top_p": 0.0}, "`top_p`"),
+        ({"temperature": -1.0}, "`temperature`"),
+        ({"problems_per_iteration": 0}, "`problems_per_iteration`"),
+        ({"max_rows_per_problem": 0}, "`max_rows_per_problem`"),
+        ({"train_levels": ["medium"]}, "`train_levels`"),
+        ({"use_vllm": True}, "`use_vllm=True`: the vLLM backend is not available"),
+        ({"vllm_mode": "server"}, "`vllm_mode='server'`"),
+    ],
+)
+@pytest.mark.parametrize("cls", [HSStarConfig, HSStarDPOConfig])
+def test_bad_values_are_named(cls, overrides, match, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        cls(output_dir=str(tmp_path), **overrides)
+
+
+def test_trl_parser_reads_yaml_and_command_line(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("sampling_budget: 16\nnum_presamples: 4\nreward_thresholds: [0.2, 0.6]\n")
+    (args,) = TrlParser((HSStarConfig,)).parse_args_and_config(
+        ["--config", str(config), "--output_dir", str(tmp_path), "--num_presamples", "5"]
+    )
+    assert (args.sampling_budget, args.num_presamples, args.reward_thresholds) == (16, 5, [0.2, 0.6])
+    assert "--sampling_budget" in TrlParser((HSStarConfig,)).format_help()
