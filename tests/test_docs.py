@@ -1,4 +1,4 @@
-"""The README's runnable example runs and prints what it says it prints."""
+"""The README's examples run and print what they say they print."""
 
 from __future__ import annotations
 
@@ -10,13 +10,17 @@ from pathlib import Path
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_core_example_runs_as_written():
+def test_readme_python_examples_run_as_written(reasoner_dir, tmp_path, monkeypatch):
+    # the trainer example builds the toy reasoner: reuse the session's (a cold build, never a developer's cache)
+    monkeypatch.setenv("TRL_HSSTAR_CACHE", str(Path(reasoner_dir).parent))
+    monkeypatch.chdir(tmp_path)
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
-    runnable = [b for b in blocks if "# planned" not in b]
-    assert runnable, "the README lost its runnable example"
-    for code in runnable:
+    assert len(blocks) >= 2, "the README lost its runnable examples"
+    for code in blocks:
         expected = [line.split("# ", 1)[1] for line in code.splitlines() if line.startswith("# ")]
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             exec(compile(code, str(README), "exec"), {})
-        assert out.getvalue().strip().splitlines() == expected
+        if expected:
+            assert out.getvalue().strip().splitlines() == expected
+    assert (tmp_path / "runs" / "readme" / "iteration-1" / "DONE").exists()

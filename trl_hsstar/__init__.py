@@ -24,6 +24,12 @@ _LAZY = {
     "ScoredSample": "selection",
     "select_sft_rows": "selection",
     "select_dpo_pairs": "selection",
+    # the trainers
+    "HSStarConfig": "config",
+    "HSStarDPOConfig": "config",
+    "HSStarTrainer": "trainer",
+    "HSStarDPOTrainer": "trainer",
+    "HSStarCallback": "callbacks",
     # answer checking
     "MathVerifier": "verify",
     "extract_answer": "verify",
@@ -34,8 +40,11 @@ __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .budget import Allocation, allocate, presamples_for
+    from .callbacks import HSStarCallback
+    from .config import HSStarConfig, HSStarDPOConfig
     from .difficulty import PUBLISHED_THRESHOLDS, Difficulty, Level, estimate_difficulty, lookup_thresholds
     from .selection import ScoredSample, select_dpo_pairs, select_sft_rows
+    from .trainer import HSStarDPOTrainer, HSStarTrainer
     from .verify import MathVerifier, extract_answer, verify_answer
 
 
