@@ -337,3 +337,36 @@ def test_qlora_4bit_on_cpu(reasoner_dir, problems, answers, tmp_path):
     trained = lora_weights(trainer.model)
     assert any(not torch.equal(initial[k], trained[k]) for k in initial), "the adapter did not change"
     assert (tmp_path / "iteration-0" / "model" / "adapter_model.safetensors").exists()
+
+
+class SnapshotAdapter(HSStarCallback):
+    def on_iteration_begin(self, args, state, control, model=None, **kwargs):
+        self.at_start = lora_weights(model)
+
+
+def test_dpo_with_lora_uses_the_iteration_start_as_reference(reasoner_dir, problems, tmp_path):
+    from peft import LoraConfig
+
+    model, tok = load(reasoner_dir)
+    snapshot = SnapshotAdapter()
+    trainer = HSStarDPOTrainer(
+        model=model,
+        args=config(
+            HSStarDPOConfig, tmp_path, num_iterations=1, learning_rate=1e-2, per_device_train_batch_size=2
+        ),
+        train_dataset=problems,
+        reward_funcs=OracleStepReward(),
+        processing_class=tok,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+        callbacks=[snapshot],
+    )
+    trainer.train()
+    rows = A.IterationArtifacts(tmp_path, 0).read_jsonl(A.TRAIN_ROWS)
+    assert rows, "no DPO pairs: the toy world is miscalibrated"
+    weights = lora_weights(trainer.model)
+    ref = {k.replace(".ref.", ".default."): v for k, v in weights.items() if ".ref." in k}
+    default = {k: v for k, v in weights.items() if ".default." in k}
+    assert ref and set(ref) == set(default) == set(snapshot.at_start)
+    # the reference adapter is M_t (the adapter when the iteration began), not the base model, and stayed frozen
+    assert all(torch.equal(ref[k], snapshot.at_start[k]) for k in ref)
+    assert any(not torch.equal(default[k], snapshot.at_start[k]) for k in default), "the policy did not train"

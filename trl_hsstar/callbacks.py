@@ -2,7 +2,8 @@
 
 Any callback given to the trainer (``callbacks=[...]``) may define these extra events; a plain
 ``TrainerCallback`` that does not define them is simply skipped. Each receives ``(args, state, control)`` like
-every Trainer event, plus the iteration index and the event's data as keyword arguments:
+every Trainer event, ``model`` and ``processing_class``, plus the iteration index and the event's data as keyword
+arguments:
 
 ``on_iteration_begin(args, state, control, iteration, problems, **kwargs)``
     Before sampling. ``problems`` is the iteration's list of :class:`~trl_hsstar.pipeline.Problem`.

@@ -339,7 +339,15 @@ class _HSStarLoop:
             fn = getattr(callback, event, None)
             if fn is None:
                 continue
-            out = fn(self.args, self.state, self._hsstar_control, iteration=iteration, **payload)
+            out = fn(
+                self.args,
+                self.state,
+                self._hsstar_control,
+                model=self.model,
+                processing_class=self.processing_class,
+                iteration=iteration,
+                **payload,
+            )
             if event == "on_rows_selected" and out is not None:
                 if not isinstance(out, list):
                     raise TypeError(
