@@ -27,8 +27,9 @@ import numbers
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
+
+from ._utils import eval_mode
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -305,18 +306,6 @@ def _positive_int(value: Any, what: str, allow_none: bool = False) -> None:
         raise ValueError(f"{what} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
 
 
-@contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode; restore each one's previous mode afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
 def _pad_id(model: Any, tokenizer: Any) -> int:
     """The id used for right padding: the model's pad token (what sequence-classification heads use to find
     the last real token), else the tokenizer's, else 0 (positions are read explicitly, masked anyway)."""
@@ -343,7 +332,7 @@ def _batched_logits(
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]), reverse=True)
     # no_grad rather than inference_mode: buffers a model creates lazily in forward must stay usable for
     # training when the scored model is also trained.
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for start in range(0, len(order), batch_size):
             indices = order[start : start + batch_size]
             width = max(len(sequences[i]) for i in indices)

@@ -122,6 +122,18 @@ def _model_name(obj: Any) -> str | None:
     return getattr(config, "_name_or_path", None) or None
 
 
+def _resolve_args(model, args, config_cls, suffix: str, train_dataset):
+    """The trainer's config (a default one named after the model if none is given), checked."""
+    if args is None:
+        name = (_model_name(model) or "model").rstrip("/").split("/")[-1]
+        args = config_cls(output_dir=f"{name}-{suffix}")
+    if not isinstance(args, config_cls):
+        raise TypeError(f"`args` must be an {config_cls.__name__}, got {type(args).__name__}.")
+    if train_dataset is None:
+        raise ValueError("`train_dataset` (the problems) is required.")
+    return args
+
+
 def _load_reward_model(name: str, args, device):
     """Load a reward model from the Hub or a directory: a PRM (token classification) or an ORM."""
     from transformers import (
@@ -517,13 +529,7 @@ class HSStarTrainer(_HSStarLoop, SFTTrainer):
         sampler: Sampler | None = None,
         **kwargs,
     ):
-        if args is None:
-            name = (_model_name(model) or "model").rstrip("/").split("/")[-1]
-            args = HSStarConfig(output_dir=f"{name}-HSStar")
-        if not isinstance(args, HSStarConfig):
-            raise TypeError(f"`args` must be an HSStarConfig, got {type(args).__name__}.")
-        if train_dataset is None:
-            raise ValueError("`train_dataset` (the problems) is required.")
+        args = _resolve_args(model, args, HSStarConfig, "HSStar", train_dataset)
         self._hsstar_setup(
             train_dataset, args, reward_funcs, reward_processing_classes, reward_weights, verifier, sampler
         )
@@ -573,13 +579,7 @@ class HSStarDPOTrainer(_HSStarLoop, DPOTrainer):
         sampler: Sampler | None = None,
         **kwargs,
     ):
-        if args is None:
-            name = (_model_name(model) or "model").rstrip("/").split("/")[-1]
-            args = HSStarDPOConfig(output_dir=f"{name}-HSStar-DPO")
-        if not isinstance(args, HSStarDPOConfig):
-            raise TypeError(f"`args` must be an HSStarDPOConfig, got {type(args).__name__}.")
-        if train_dataset is None:
-            raise ValueError("`train_dataset` (the problems) is required.")
+        args = _resolve_args(model, args, HSStarDPOConfig, "HSStar-DPO", train_dataset)
         if ref_model is None and not args.precompute_ref_log_probs:
             raise ValueError(
                 "Without `ref_model`, HSStarDPOTrainer needs `precompute_ref_log_probs=True`: the reference of each "

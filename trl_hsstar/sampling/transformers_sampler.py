@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .._utils import eval_mode
 from .base import Completion, Sampler, SamplingParams, expand_requests, validate_request
 
 __all__ = ["TransformersSampler"]
@@ -72,18 +73,6 @@ def _seeded(seed: int | None) -> Iterator[None]:
     with torch.random.fork_rng(devices=devices, device_type=device_type):
         torch.manual_seed(seed)
         yield
-
-
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Put every module in eval mode, then restore each module's own training flag."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 class TransformersSampler(Sampler):
@@ -155,7 +144,7 @@ class TransformersSampler(Sampler):
     @contextlib.contextmanager
     def _generation_model(self) -> Iterator[Any]:
         """The model to call ``generate`` on: eval mode, no grad, unwrapped (and gathered) if needed."""
-        with _eval_mode(self.model), contextlib.ExitStack() as stack:
+        with eval_mode(self.model), contextlib.ExitStack() as stack:
             if self.accelerator is not None:
                 from trl.models.utils import unwrap_model_for_generation
 
