@@ -370,3 +370,63 @@ def test_dpo_with_lora_uses_the_iteration_start_as_reference(reasoner_dir, probl
     # the reference adapter is M_t (the adapter when the iteration began), not the base model, and stayed frozen
     assert all(torch.equal(ref[k], snapshot.at_start[k]) for k in ref)
     assert any(not torch.equal(default[k], snapshot.at_start[k]) for k in default), "the policy did not train"
+
+
+def test_chat_prompts(reasoner_dir, problems, answers, tmp_path):
+    """Problems whose prompt is a list of messages: rendered with the chat template, rows kept as messages."""
+    chat = problems.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
+    model, tok = load(reasoner_dir)
+    trainer = HSStarTrainer(
+        model=model,
+        args=config(HSStarConfig, tmp_path, num_iterations=1, per_device_train_batch_size=4),
+        train_dataset=chat,
+        reward_funcs=OracleStepReward(),
+        processing_class=tok,
+    )
+    trainer.train()
+    store = A.IterationArtifacts(tmp_path, 0)
+    problem = store.read_jsonl(A.PROBLEMS)[0]
+    assert problem["prompt_text"] == problem["prompt"][0]["content"]  # the toy template concatenates contents
+    rows = store.read_jsonl(A.TRAIN_ROWS)
+    assert rows and all(r["completion"][0]["role"] == "assistant" for r in rows)
+    with MathVerifier() as verify:
+        assert all(verify(r["completion"][0]["content"], answers[r["problem_id"]]) for r in rows)
+    assert store.done
+
+
+@pytest.mark.parametrize(
+    ("dataset", "overrides", "reward", "match"),
+    [
+        ({"prompt": ["Q: 1+1\nA: "]}, {}, "oracle", r"lacks the column\(s\) \['answer'\]"),
+        (
+            {"prompt": ["a", "b"], "answer": ["1", "2"], "id": ["x", "x"]},
+            {},
+            "oracle",
+            "duplicate problem id 'x'",
+        ),
+        ({"prompt": ["a"], "answer": [""]}, {}, "oracle", "reference answer in `answer` is empty"),
+        ({"prompt": ["a", "b"], "answer": ["1", "2"]}, {"problems_per_iteration": 2}, "oracle", "too few"),
+        (
+            {"prompt": ["a", "b"], "answer": ["1", "2"]},
+            {"num_iterations": 1, "problems_per_iteration": 2},
+            None,
+            "needs a reward source",
+        ),
+        (
+            {"prompt": ["a", "b"], "answer": ["1", "2"]},
+            {"num_iterations": 1, "problems_per_iteration": 2, "reward_thresholds": None},
+            "oracle",
+            "`reward_thresholds` .tau_l, tau_h. is required",
+        ),
+    ],
+)
+def test_bad_input_fails_before_the_model_loads(dataset, overrides, reward, match, tmp_path):
+    # the model id does not exist: reaching the model loader would fail differently
+    with pytest.raises(ValueError, match=match):
+        HSStarTrainer(
+            model="no-such-org/no-such-model",
+            args=config(HSStarConfig, tmp_path, **overrides),
+            train_dataset=Dataset.from_dict(dataset),
+            reward_funcs=OracleStepReward() if reward else None,
+        )
+    assert not any(tmp_path.iterdir())  # nothing written
