@@ -357,6 +357,24 @@ def _check_label(logits: torch.Tensor, positive_label: int, what: str) -> None:
 # Process reward model
 
 
+def encode_math_shepherd(
+    tokenizer: PreTrainedTokenizerBase, prompt: Any, steps: Sequence[str], step_token_id: int
+) -> tuple[list[int], list[int]]:
+    """The Math-Shepherd layout (TRL's former PRMTrainer): BOS (if the tokenizer has one), the prompt, then each
+    step followed by the step token. Returns the ids and the positions of the step tokens, where a step's label
+    is read (and, for training, written)."""
+    ids = tokenizer.encode(_render_prompt(prompt, tokenizer), add_special_tokens=False)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None and (not ids or ids[0] != bos):
+        ids = [bos, *ids]
+    positions = []
+    for step in steps:
+        ids += tokenizer.encode(step, add_special_tokens=False)
+        ids.append(step_token_id)
+        positions.append(len(ids) - 1)
+    return ids, positions
+
+
 class ProcessRewardModel(RewardSource):
     r"""A process reward model (PRM): a probability per step that the step is correct, aggregated into S(r).
 
@@ -487,15 +505,7 @@ class ProcessRewardModel(RewardSource):
     def _encode(self, prompt: Any, steps: list[str]) -> tuple[list[int], list[int]]:
         """Token ids of one (prompt, steps) pair and the positions of the step tokens that survive truncation."""
         if self.layout == "math-shepherd":
-            ids = self.tokenizer.encode(_render_prompt(prompt, self.tokenizer), add_special_tokens=False)
-            bos = getattr(self.tokenizer, "bos_token_id", None)
-            if bos is not None and (not ids or ids[0] != bos):
-                ids = [bos, *ids]
-            positions = []
-            for step in steps:
-                ids += self.tokenizer.encode(step, add_special_tokens=False)
-                ids.append(self.step_token_id)
-                positions.append(len(ids) - 1)
+            ids, positions = encode_math_shepherd(self.tokenizer, prompt, steps, self.step_token_id)
         else:
             if isinstance(prompt, str):
                 messages = [{"role": "user", "content": prompt}]
