@@ -200,20 +200,25 @@ def test_resume_after_a_completed_iteration_loads_its_model(reasoner_dir, proble
     assert A.IterationArtifacts(tmp_path, 0).done and not A.IterationArtifacts(tmp_path, 1).has(A.PROBLEMS)
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "iteration-0" / "model").state_dict()
 
-    trainer, sampler = make_trainer(reasoner_dir, problems, tmp_path, callbacks=[StopAfterRestore(saved)])
+    restored = CheckRestored(saved)
+    trainer, sampler = make_trainer(reasoner_dir, problems, tmp_path, callbacks=[restored])
     trainer.train()
+    assert restored.checked == [1]  # iteration 1 began from iteration 0's checkpoint
     assert sampler.samples == B * N  # iteration 0 was not sampled again
     assert trainer.iteration_stats[0]["iteration"] == 0 and trainer.iteration_stats[1]["iteration"] == 1
 
 
-class StopAfterRestore(HSStarCallback):
-    """Checks, when iteration 1 begins, that the model is iteration 0's checkpoint."""
+class CheckRestored(HSStarCallback):
+    """Records each iteration that begins with the model equal to ``expected`` (iteration 0's checkpoint)."""
 
     def __init__(self, expected):
         self.expected = expected
+        self.checked = []
 
     def on_iteration_begin(self, args, state, control, iteration=None, model=None, **kwargs):
-        assert iteration == 1
+        current = model.state_dict()
+        if all(torch.equal(current[k], v) for k, v in self.expected.items()):
+            self.checked.append(iteration)
 
 
 def test_resume_with_other_settings_is_refused(reasoner_dir, problems, tmp_path):
@@ -272,21 +277,26 @@ def lora_weights(model):
     return {k: v.detach().clone().float() for k, v in model.named_parameters() if "lora_" in k}
 
 
-def test_lora(reasoner_dir, problems, answers, tmp_path):
+def lora_trainer(trainer_cls, config_cls, model, tok, problems, output_dir, callbacks=()):
     from peft import LoraConfig
 
-    model, tok = load(reasoner_dir)
-    base = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = HSStarTrainer(
+    return trainer_cls(
         model=model,
         args=config(
-            HSStarConfig, tmp_path, num_iterations=1, learning_rate=1e-2, per_device_train_batch_size=2
+            config_cls, output_dir, num_iterations=1, learning_rate=1e-2, per_device_train_batch_size=2
         ),
         train_dataset=problems,
         reward_funcs=OracleStepReward(),
         processing_class=tok,
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+        callbacks=list(callbacks),
     )
+
+
+def test_lora(reasoner_dir, problems, answers, tmp_path):
+    model, tok = load(reasoner_dir)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = lora_trainer(HSStarTrainer, HSStarConfig, model, tok, problems, tmp_path)
     initial = lora_weights(trainer.model)
     assert initial, "no LoRA parameters"
     trainer.train()
@@ -345,21 +355,9 @@ class SnapshotAdapter(HSStarCallback):
 
 
 def test_dpo_with_lora_uses_the_iteration_start_as_reference(reasoner_dir, problems, tmp_path):
-    from peft import LoraConfig
-
     model, tok = load(reasoner_dir)
     snapshot = SnapshotAdapter()
-    trainer = HSStarDPOTrainer(
-        model=model,
-        args=config(
-            HSStarDPOConfig, tmp_path, num_iterations=1, learning_rate=1e-2, per_device_train_batch_size=2
-        ),
-        train_dataset=problems,
-        reward_funcs=OracleStepReward(),
-        processing_class=tok,
-        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
-        callbacks=[snapshot],
-    )
+    trainer = lora_trainer(HSStarDPOTrainer, HSStarDPOConfig, model, tok, problems, tmp_path, [snapshot])
     trainer.train()
     rows = A.IterationArtifacts(tmp_path, 0).read_jsonl(A.TRAIN_ROWS)
     assert rows, "no DPO pairs: the toy world is miscalibrated"

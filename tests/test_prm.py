@@ -48,7 +48,7 @@ def test_bad_inputs(tok):
         prm_examples(tok, ["a"], [], [], step_token=STEP_TOKEN)
     with pytest.raises(ValueError, match="2 step labels for 1 steps"):
         prm_examples(tok, ["a"], ["1+1=2"], [[True, True]], step_token=STEP_TOKEN)
-    with pytest.raises(ValueError, match="not a single token"):
+    with pytest.raises(ValueError, match="no single token for step separator '<nope>'"):
         prm_examples(tok, ["a"], ["1+1=2"], [[True]], step_token="<nope>")
     with pytest.raises(ValueError, match="at least 2"):
         train_prm(None, tok, [], output_dir="unused")

@@ -108,12 +108,14 @@ class IterationArtifacts:
             shutil.rmtree(target)
         os.replace(tmp_dir, target)
 
-    def tmp_dir(self, name: str) -> Path:
-        """A fresh temporary directory to write ``name`` into before :meth:`publish_dir`."""
-        tmp = self.path(f".{name}.tmp-{os.getpid()}")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+    def tmp_dir(self, name: str, create: bool = True) -> Path:
+        """The temporary directory to write ``name`` into before :meth:`publish_dir` (the same path in every
+        process); with ``create``, emptied and created."""
+        tmp = self.path(f".{name}.partial")
+        if create:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
         return tmp
 
     def mark_done(self) -> None:

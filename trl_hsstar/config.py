@@ -188,9 +188,14 @@ class HSStarArguments:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
 
-        for name in ("num_iterations", "sampling_budget", "max_completion_length", "generation_batch_size"):
+        for name in (
+            "num_iterations",
+            "sampling_budget",
+            "max_completion_length",
+            "generation_batch_size",
+            "reward_batch_size",
+        ):
             positive_int(name)
-        positive_int("reward_batch_size")
         positive_int("problems_per_iteration", allow_none=True)
         positive_int("max_rows_per_problem", allow_none=True)
         if (

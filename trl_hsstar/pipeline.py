@@ -217,7 +217,7 @@ def run_iteration(
 
     # 1. pre-sampling
     n_p = presamples_for(settings.allocation, settings.budget, settings.num_presamples)
-    gen_stats_before = _sampler_counters(sampler)
+    gen_stats_before = sampler.stats
     presamples = timed(
         A.PRESAMPLES,
         lambda: _sample(
@@ -285,7 +285,7 @@ def run_iteration(
         ),
     )
     re_scores = timed(A.RESAMPLE_SCORES, lambda: _score(more, by_id, score_fn))
-    gen_stats_after = _sampler_counters(sampler)
+    gen_stats_after = sampler.stats
 
     # 5. selection
     def select() -> list[dict]:
@@ -339,14 +339,6 @@ def run_iteration(
     return IterationResult(rows=rows, stats=stats, difficulties=difficulties, resamples=resamples)
 
 
-def _sampler_counters(sampler: Sampler) -> tuple[int, int, float]:
-    return (
-        int(getattr(sampler, "num_generated", 0)),
-        int(getattr(sampler, "num_completion_tokens", 0)),
-        float(getattr(sampler, "generation_seconds", 0.0)),
-    )
-
-
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -367,8 +359,8 @@ def _stats(
     else:
         kept_scores = [r["score"] for r in rows if r.get("score") is not None]
     all_scores = [v for v in score_of.values() if v is not None]
-    (g0, t0, s0), (g1, t1, s1) = generation
-    gen_seconds = s1 - s0
+    before, after = generation
+    gen_seconds = after.generation_seconds - before.generation_seconds
     return {
         "num_problems": n,
         "levels": count_levels(difficulties.values()),
@@ -388,6 +380,8 @@ def _stats(
         "mean_score_all": _mean(all_scores),
         "finish_reasons": dict(Counter(s["finish_reason"] for s in samples)),
         "completion_tokens": sum(int(s["num_tokens"]) for s in samples),
-        "generated_this_run": g1 - g0,
-        "tokens_per_second": (t1 - t0) / gen_seconds if gen_seconds > 0 else None,
+        "generated_this_run": after.num_generated - before.num_generated,
+        "tokens_per_second": (after.num_completion_tokens - before.num_completion_tokens) / gen_seconds
+        if gen_seconds > 0
+        else None,
     }

@@ -20,7 +20,7 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from .rewards import DEFAULT_STEP_SEPARATOR, encode_math_shepherd, split_steps
+from .rewards import DEFAULT_STEP_SEPARATOR, encode_math_shepherd, single_token_id, split_steps
 
 __all__ = ["prm_examples", "step_accuracy", "train_prm"]
 
@@ -46,12 +46,7 @@ def prm_examples(
             f"`prompts` ({len(prompts)}), `completions` ({len(completions)}) and `step_labels` ({len(step_labels)}) "
             "must have the same length."
         )
-    ids = tokenizer.encode(step_token, add_special_tokens=False) if step_token else []
-    if len(ids) != 1 or ids[0] == getattr(tokenizer, "unk_token_id", None):
-        raise ValueError(
-            f"`step_token` {step_token!r} is not a single token of the tokenizer (it encodes to {ids})."
-        )
-    step_token_id = ids[0]
+    step_token_id = single_token_id(tokenizer, step_token)
     rows = []
     for i, (prompt, completion, labels) in enumerate(zip(prompts, completions, step_labels)):
         steps = split_steps(completion, step_separator)

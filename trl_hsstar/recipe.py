@@ -64,25 +64,19 @@ def make_parser(objective: str = "sft") -> TrlParser:
 
 def _peek_objective(argv: Sequence[str]) -> str:
     """The objective from ``--objective`` or the YAML given with ``--config`` (default ``sft``)."""
-    argv = list(argv)
-    for i, a in enumerate(argv):
-        if a == "--objective" and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith("--objective="):
-            return a.split("=", 1)[1]
-    for i, a in enumerate(argv):
-        path = (
-            argv[i + 1]
-            if a == "--config" and i + 1 < len(argv)
-            else a.split("=", 1)[1]
-            if a.startswith("--config=")
-            else None
-        )
-        if path:
-            import yaml
+    import argparse
 
-            with open(path, encoding="utf-8") as f:
-                return (yaml.safe_load(f) or {}).get("objective", "sft")
+    import yaml
+
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--objective")
+    peek.add_argument("--config")
+    known, _ = peek.parse_known_args(list(argv))
+    if known.objective:
+        return known.objective
+    if known.config:
+        with open(known.config, encoding="utf-8") as f:
+            return (yaml.safe_load(f) or {}).get("objective", "sft")
     return "sft"
 
 

@@ -357,6 +357,19 @@ def _check_label(logits: torch.Tensor, positive_label: int, what: str) -> None:
 # Process reward model
 
 
+def single_token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
+    """The id of ``token`` if it encodes to exactly one known token of ``tokenizer``; else a ``ValueError``."""
+    ids = tokenizer.encode(token, add_special_tokens=False) if token else []
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if len(ids) != 1 or (ids[0] == unk and token != getattr(tokenizer, "unk_token", None)):
+        raise ValueError(
+            f"the PRM's tokenizer has no single token for step separator {token!r} (it encodes to {ids}): "
+            "pass `step_token=` the token the PRM reads step rewards at (e.g. '<extra_0>' for "
+            "Qwen2.5-Math-PRM, the trainer's step_separator for a Math-Shepherd-layout PRM)"
+        )
+    return ids[0]
+
+
 def encode_math_shepherd(
     tokenizer: PreTrainedTokenizerBase, prompt: Any, steps: Sequence[str], step_token_id: int
 ) -> tuple[list[int], list[int]]:
@@ -479,7 +492,7 @@ class ProcessRewardModel(RewardSource):
         self.layout = layout
         self.step_separator = step_separator
         self.step_token = step_token
-        self.step_token_id = self._single_token_id(step_token)
+        self.step_token_id = single_token_id(self.tokenizer, step_token)
         self.aggregation = aggregation
         self.batch_size = batch_size
         self.max_length = max_length
@@ -488,17 +501,6 @@ class ProcessRewardModel(RewardSource):
             system_prompt = QWEN_PRM_SYSTEM_PROMPT
         self.system_prompt = system_prompt
         self.name = name or _model_name(model, "prm")
-
-    def _single_token_id(self, token: str) -> int:
-        ids = self.tokenizer.encode(token, add_special_tokens=False) if token else []
-        unk = getattr(self.tokenizer, "unk_token_id", None)
-        if len(ids) != 1 or (ids[0] == unk and token != getattr(self.tokenizer, "unk_token", None)):
-            raise ValueError(
-                f"the PRM's tokenizer has no single token for step separator {token!r} (it encodes to {ids}): "
-                "pass `step_token=` the token the PRM reads step rewards at (e.g. '<extra_0>' for "
-                "Qwen2.5-Math-PRM, the trainer's step_separator for a Math-Shepherd-layout PRM)"
-            )
-        return ids[0]
 
     # -- encoding ------------------------------------------------------------------------------------
 

@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["HSStarDPOTrainer", "HSStarTrainer"]
 
 RewardFunc = str | PreTrainedModel | Callable[..., list]
+_UNSET = object()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -135,7 +136,8 @@ def _resolve_args(model, args, config_cls, suffix: str, train_dataset):
 
 
 def _load_reward_model(name: str, args, device):
-    """Load a reward model from the Hub or a directory: a PRM (token classification) or an ORM."""
+    """Load a reward model from the Hub or a directory (a PRM, Qwen2.5-Math-PRM style or Math-Shepherd layout, or
+    an ORM) with the Auto class its config names; :func:`~trl_hsstar.rewards.as_reward_source` wraps it."""
     from transformers import (
         AutoConfig,
         AutoModel,
@@ -144,28 +146,20 @@ def _load_reward_model(name: str, args, device):
         AutoTokenizer,
     )
 
-    from .rewards import OutcomeRewardModel, ProcessRewardModel
-
-    config = AutoConfig.from_pretrained(name, trust_remote_code=args.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=args.trust_remote_code)
-    archs = " ".join(config.architectures or [])
     kwargs = {"trust_remote_code": args.trust_remote_code}
-    if "ProcessRewardModel" in archs:  # Qwen2.5-Math-PRM style (custom code)
-        model = AutoModel.from_pretrained(name, **kwargs).to(device)
-        return ProcessRewardModel(
-            model,
-            tokenizer,
-            layout="qwen-prm",
-            aggregation=args.reward_aggregation,
-            batch_size=args.reward_batch_size,
-        )
-    if "TokenClassification" in archs:
-        model = AutoModelForTokenClassification.from_pretrained(name, **kwargs).to(device)
-        return ProcessRewardModel(
-            model, tokenizer, aggregation=args.reward_aggregation, batch_size=args.reward_batch_size
-        )
-    model = AutoModelForSequenceClassification.from_pretrained(name, **kwargs).to(device)
-    return OutcomeRewardModel(model, tokenizer, batch_size=args.reward_batch_size)
+    archs = " ".join(AutoConfig.from_pretrained(name, **kwargs).architectures or [])
+    if "ProcessRewardModel" in archs:  # custom code, loaded through AutoModel
+        auto = AutoModel
+    elif "TokenClassification" in archs:
+        auto = AutoModelForTokenClassification
+    else:
+        auto = AutoModelForSequenceClassification
+    return as_reward_source(
+        auto.from_pretrained(name, **kwargs).to(device),
+        tokenizer=AutoTokenizer.from_pretrained(name, **kwargs),
+        aggregation=args.reward_aggregation,
+        batch_size=args.reward_batch_size,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -388,8 +382,9 @@ class _HSStarLoop:
         self._load_from_checkpoint(str(model_dir))
 
     def _save_iteration_model(self, store: A.IterationArtifacts) -> None:
-        tmp = store.tmp_dir(A.MODEL) if self.accelerator.is_main_process else None
-        self.save_model(str(tmp) if tmp is not None else str(store.dir / f".{A.MODEL}.tmp-other"))
+        # every process calls save_model (sharded weights are gathered), only the main one writes
+        tmp = store.tmp_dir(A.MODEL, create=self.accelerator.is_main_process)
+        self.save_model(str(tmp))
         if self.accelerator.is_main_process:
             store.publish_dir(tmp, A.MODEL)
         self.accelerator.wait_for_everyone()
@@ -405,7 +400,7 @@ class _HSStarLoop:
         if self.accelerator.is_main_process:
             A.RunManifest(args.output_dir).check_or_write(self._manifest())
         self._hsstar_control = TrainerControl()
-        score_fn = None
+        score_fn = _UNSET  # reward models load on the first iteration that needs them
         verifier = self._verifier
         own_verifier = verifier is None
         if own_verifier:
@@ -430,7 +425,7 @@ class _HSStarLoop:
                 self._emit("on_iteration_begin", t, problems=problems)
                 if self._hsstar_control.should_training_stop:
                     break
-                if score_fn is None:
+                if score_fn is _UNSET:
                     score_fn = self._score_fn()
                 result = run_iteration(
                     problems,

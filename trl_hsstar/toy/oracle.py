@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+from ..rewards import aggregate_step_rewards
 from .problems import label_steps
 
 __all__ = ["OracleStepReward", "expression_from_prompt"]
@@ -28,8 +29,7 @@ class OracleStepReward:
     """Exact step labels of the toy world, aggregated (``"min"``, ``"prod"`` or ``"last"``)."""
 
     def __init__(self, aggregation: str = "min"):
-        if aggregation not in ("min", "prod", "last"):
-            raise ValueError(f"`aggregation` must be 'min', 'prod' or 'last', got {aggregation!r}.")
+        aggregate_step_rewards([1.0], aggregation)  # raises on an unknown name
         self.aggregation = aggregation
         self.__name__ = self.name = "oracle_step_reward"
 
@@ -42,17 +42,4 @@ class OracleStepReward:
         return out
 
     def __call__(self, prompts, completions, **columns) -> list[float | None]:
-        values: list[float | None] = []
-        for steps in self.step_rewards(prompts, completions):
-            if not steps:
-                values.append(None)
-            elif self.aggregation == "min":
-                values.append(min(steps))
-            elif self.aggregation == "last":
-                values.append(steps[-1])
-            else:
-                prod = 1.0
-                for s in steps:
-                    prod *= s
-                values.append(prod)
-        return values
+        return [aggregate_step_rewards(s, self.aggregation) for s in self.step_rewards(prompts, completions)]

@@ -54,8 +54,6 @@ def toy_reasoner_path(cache_dir: str | os.PathLike | None = None, **overrides) -
     if (path / "config.json").exists():
         return path
 
-    import torch
-
     from .model import build_tiny_model
     from .tokenizer import build_char_tokenizer
     from .train import pretrain_reasoner
@@ -65,17 +63,16 @@ def toy_reasoner_path(cache_dir: str | os.PathLike | None = None, **overrides) -
     model = build_tiny_model(
         tokenizer, intermediate_size=settings["intermediate_size"], seed=settings["seed"], **arch
     )
-    with torch.random.fork_rng():
-        pretrain_reasoner(
-            model,
-            tokenizer,
-            steps=settings["steps"],
-            batch_size=settings["batch_size"],
-            learning_rate=settings["learning_rate"],
-            operands=tuple(settings["operands"]),
-            digits=tuple(settings["digits"]),
-            seed=settings["seed"],
-        )
+    pretrain_reasoner(  # seeds its own forked RNG
+        model,
+        tokenizer,
+        steps=settings["steps"],
+        batch_size=settings["batch_size"],
+        learning_rate=settings["learning_rate"],
+        operands=tuple(settings["operands"]),
+        digits=tuple(settings["digits"]),
+        seed=settings["seed"],
+    )
     tmp = root / f".toy-reasoner-{key}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
