@@ -6,7 +6,12 @@
 ``hsstar world``
     Print problems of the embedded arithmetic world with their reference rationales and step labels.
 
-``hsstar demo`` and ``hsstar bench`` arrive next.
+``hsstar demo [--output-dir runs/demo ...]``
+    Build (or load) the world's M_0 and PRM, run HS-STaR iterations on the CPU and print a per-iteration table
+    with held-out accuracy per level; plots and ``results.json`` go to the output directory.
+``hsstar bench [--quick] ...``
+    The equal-budget comparison of the allocation methods on the world (``benchmarks/bench_methods.py``): writes
+    ``docs/benchmarks.md`` and a results JSON.
 """
 
 from __future__ import annotations
@@ -37,6 +42,28 @@ def _train(args: argparse.Namespace) -> int:
     return run(args.recipe_args)
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_methods.py"
+    if not script.exists():
+        raise SystemExit(
+            f"`hsstar bench` runs benchmarks/bench_methods.py from a source checkout, and {script} does not exist: "
+            "clone the repository and install it with `pip install -e .`."
+        )
+    sys.argv = [str(script), *args.bench_args]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hsstar",
@@ -44,7 +71,7 @@ def make_parser() -> argparse.ArgumentParser:
             "HS-STaR on TRL: sample a model's own solutions, estimate each problem's difficulty from answer "
             "accuracy and a process reward model, spend the budget on boundary problems, train, repeat."
         ),
-        epilog="Coming next: `hsstar demo`, `hsstar bench`. See docs/.",
+        epilog="Start with `hsstar demo`. See docs/.",
     )
     parser.add_argument("--version", action="version", version=f"trl-hsstar {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -55,6 +82,18 @@ def make_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("recipe_args", nargs=argparse.REMAINDER, help="--config x.yaml and field overrides")
     train.set_defaults(func=_train)
+    from . import demo
+
+    demo_parser = sub.add_parser("demo", help="watch HS-STaR work on the embedded world (CPU, a few minutes)")
+    demo.add_arguments(demo_parser)
+    demo_parser.set_defaults(func=_demo)
+    bench_parser = sub.add_parser(
+        "bench",
+        help="the equal-budget comparison of allocation methods on the world: hsstar bench [--quick]",
+        add_help=False,
+    )
+    bench_parser.add_argument("bench_args", nargs=argparse.REMAINDER, help="see hsstar bench --help")
+    bench_parser.set_defaults(func=_bench)
     world = sub.add_parser("world", help="print problems of the embedded arithmetic world")
     world.add_argument("--num-problems", type=int, default=3)
     world.add_argument("--max-operands", type=int, default=4)
@@ -69,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["train"] and not {"-h", "--help"} & set(argv[1:2]):
         # everything after `train` belongs to the recipe's TrlParser (argparse's REMAINDER drops leading --options)
         return _train(argparse.Namespace(recipe_args=argv[1:]))
+    if argv[:1] == ["bench"]:  # everything after `bench` belongs to the benchmark's own parser
+        return _bench(argparse.Namespace(bench_args=argv[1:]))
     parser = make_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:

@@ -96,6 +96,10 @@ class HSStarArguments:
         verifier_timeout (`float`, *optional*, defaults to `5.0`):
             Seconds one answer check may take before it counts as wrong.
 
+        resample_levels (`list[str]`, *optional*, defaults to `["boundary"]`):
+            With `allocation="hsstar"`, the levels whose problems receive the re-sampling budget. `["easy"]` or
+            `["hard"]` gives the paper's utility study.
+
         > Parameters that control training data
 
         max_rows_per_problem (`int`, *optional*, defaults to `4`):
@@ -146,6 +150,12 @@ class HSStarArguments:
         default="min", metadata={"help": f"Step reward aggregation, one of {AGGREGATIONS}."}
     )
     allocation: str = field(default="hsstar", metadata={"help": f"Budget strategy, one of {STRATEGIES}."})
+    resample_levels: list[str] = field(
+        default_factory=lambda: ["boundary"],
+        metadata={
+            "help": "allocation='hsstar': the levels that receive the re-sampling budget (utility study)."
+        },
+    )
     reward_batch_size: int = field(default=16, metadata={"help": "Sequences per reward-model forward pass."})
     verifier_timeout: float = field(
         default=5.0, metadata={"help": "Seconds per answer check before it counts as wrong."}
@@ -229,10 +239,10 @@ class HSStarArguments:
         if self.reward_thresholds is not None:
             self.reward_thresholds = list(validate_thresholds(self.reward_thresholds))
         levels = ("easy", "boundary", "hard")
-        if not self.train_levels or any(level not in levels for level in self.train_levels):
-            raise ValueError(
-                f"`train_levels` must be a non-empty list of {levels}, got {self.train_levels!r}."
-            )
+        for name in ("train_levels", "resample_levels"):
+            value = getattr(self, name)
+            if not value or any(level not in levels for level in value):
+                raise ValueError(f"`{name}` must be a non-empty list of {levels}, got {value!r}.")
         if not self.answer_column:
             raise ValueError("`answer_column` must name the dataset column with the reference answers.")
         for name, default in _VLLM_FIELDS.items():

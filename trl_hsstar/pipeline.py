@@ -74,6 +74,7 @@ class PipelineSettings:
     difficulty_estimator: str = "hsstar"
     reward_thresholds: tuple[float, float] | None = None
     train_levels: tuple[str, ...] = ("boundary",)
+    resample_levels: tuple[str, ...] = ("boundary",)
     max_rows_per_problem: int | None = 4
     objective: str = "sft"  # "sft" | "dpo"
     seed: int = 0
@@ -253,6 +254,7 @@ def run_iteration(
             budget=settings.budget,
             num_presamples=n_p,
             seed=settings.seed,
+            target_levels=settings.resample_levels,
         )
         if plan.fell_back:
             logger.warning(

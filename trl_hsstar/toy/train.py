@@ -8,8 +8,11 @@ is what HS-STaR needs to have easy, boundary and hard problems.
 from __future__ import annotations
 
 import math
+import random
+from collections.abc import Callable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from .problems import generate_problems
 
@@ -43,40 +46,98 @@ def pretrain_reasoner(
     operands: int | tuple[int, int] = (2, 4),
     digits: int | tuple[int, int] = 1,
     ops: str = "+",
+    mix: Sequence[Sequence[int]] | None = None,
+    schedule_steps: int | None = None,
+    micro_batches: int = 1,
     seed: int = 0,
+    data_seed: int | None = None,
+    stop_when: Callable[[int], bool] | None = None,
+    check_every: int = 20,
+    progress: bool = False,
 ) -> list[float]:
-    """Train ``model`` in place on reference rationales; returns the loss per step."""
+    """Train ``model`` in place on reference rationales; returns the loss per step.
+
+    Each batch holds fresh problems: with ``mix`` (``[(operands, digits, weight), ...]``) each problem's cell is
+    drawn with those weights, so a mix skewed to short sums gives a reasoner that is reliable on short sums and
+    unreliable on long ones; without it, ``operands`` and ``digits`` are sampled uniformly per problem.
+
+    ``schedule_steps`` (default ``steps``) is the length of the cosine schedule: stopping at ``steps`` before its
+    end keeps an early checkpoint of a longer run, a weak reasoner. ``micro_batches`` splits each batch, sorted by
+    length, into that many forward passes (less padding; the gradient is the same, weighted by tokens).
+    ``data_seed`` (default ``seed``) seeds the problem stream, ``seed`` the torch RNG. ``stop_when(step)``, called
+    every ``check_every`` steps with the model in eval mode, ends training early when it returns True.
+    """
+    if mix is not None:
+        cells = [(int(k), int(d)) for k, d, _ in mix]
+        weights = [float(w) for _, _, w in mix]
+        if not cells or min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(
+                f"`mix` must be a non-empty list of (operands, digits, weight >= 0), got {mix!r}."
+            )
+    total = steps if schedule_steps is None else schedule_steps
+    if total < steps:
+        raise ValueError(f"`schedule_steps` ({schedule_steps}) must be >= `steps` ({steps}).")
+    data_seed = seed if data_seed is None else data_seed
+    stream = random.Random(data_seed)
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
 
     def schedule(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * progress))
+        done = min(1.0, (step - warmup_steps) / max(1, total - warmup_steps))
+        return 0.5 * (1 + math.cos(math.pi * done))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     was_training = model.training
     model.train()
     losses = []
-    with torch.random.fork_rng():
+    bar = tqdm(total=steps, desc="building M_0", unit="step", disable=not progress)
+    with torch.random.fork_rng(), bar:
         torch.manual_seed(seed)
         for step in range(steps):
-            problems = generate_problems(
-                batch_size,
-                operands=operands,
-                digits=digits,
-                ops=ops,
-                seed=seed * 1_000_003 + step,
-                unique=False,
-            )
-            input_ids, attention, labels = _batch(tokenizer, problems, device)
-            loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
-            loss.backward()
+            if mix is None:
+                problems = generate_problems(
+                    batch_size,
+                    operands=operands,
+                    digits=digits,
+                    ops=ops,
+                    seed=data_seed * 1_000_003 + step,
+                    unique=False,
+                )
+            else:
+                problems = []
+                for _ in range(batch_size):
+                    k, d = stream.choices(cells, weights)[0]
+                    problems += generate_problems(
+                        1, operands=k, digits=d, ops=ops, seed=stream.randrange(1 << 30)
+                    )
+            problems.sort(key=lambda p: len(p.rationale()))
+            size = -(-len(problems) // micro_batches)
+            chunks = [
+                _batch(tokenizer, problems[i : i + size], device) for i in range(0, len(problems), size)
+            ]
+            n_tokens = [int((labels[:, 1:] != -100).sum()) for _, _, labels in chunks]
+            loss_sum = 0.0
+            for (input_ids, attention, labels), n in zip(chunks, n_tokens):
+                loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss * (
+                    n / sum(n_tokens)
+                )
+                loss.backward()
+                loss_sum += loss.item()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            losses.append(loss_sum)
+            bar.update()
+            if step % 25 == 0:
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if stop_when is not None and (step + 1) % check_every == 0:
+                model.eval()
+                stop = stop_when(step + 1)
+                model.train()
+                if stop:
+                    break
     model.train(was_training)
     return losses

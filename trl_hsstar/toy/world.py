@@ -13,23 +13,70 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-__all__ = ["DEFAULT_REASONER", "cache_root", "toy_reasoner_path"]
+from .problems import ArithmeticProblem, generate_problems
 
-DEFAULT_REASONER = {
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "head_dim": 32,
-    "intermediate_size": 128,
-    "steps": 450,
-    "batch_size": 32,
-    "learning_rate": 3e-3,
-    "operands": [2, 5],
-    "digits": [1, 1],
-    "seed": 0,
+__all__ = [
+    "DEFAULT_REASONER",
+    "LEVELS",
+    "REASONER_PRESETS",
+    "cache_root",
+    "evaluate_levels",
+    "level_of",
+    "level_problems",
+    "toy_prm_path",
+    "toy_reasoner_path",
+]
+
+LEVELS: tuple[str, ...] = ("3x1", "4x1", "5x1", "6x1", "7x1", "8x1", "2x2")
+"""The world's difficulty levels, ``"<operands>x<digits>"`` (``"6x1"``: six one-digit operands). M_0 solves the
+short one-digit sums, is unreliable on the long ones and rarely solves two-digit sums, so a pool drawn across the
+levels has real easy, boundary and hard shares."""
+
+REASONER_PRESETS: dict[str, dict] = {
+    # A few seconds to build: the tests' and the quick recipe's reasoner (one-digit sums of 2 to 5 operands).
+    "tiny": {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "head_dim": 32,
+        "intermediate_size": 128,
+        "steps": 450,
+        "batch_size": 32,
+        "learning_rate": 3e-3,
+        "operands": [2, 5],
+        "digits": [1, 1],
+        "mix": None,
+        "target_accuracy": None,
+        "schedule_steps": None,
+        "micro_batches": 1,
+        "seed": 0,
+        "data_seed": None,
+    },
+    # M_0 of `hsstar demo` and `hsstar bench`: about 0.7M parameters, about 2 minutes on 2 cores, trained on a
+    # mix skewed to short one-digit sums (so long sums and two-digit sums stay hard).
+    "m0": {
+        "hidden_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "head_dim": 32,
+        "intermediate_size": 256,
+        "steps": 600,
+        "schedule_steps": None,
+        "target_accuracy": 0.5,
+        "micro_batches": 2,
+        "batch_size": 64,
+        "learning_rate": 3e-3,
+        "operands": [2, 8],
+        "digits": [1, 1],
+        "mix": [[2, 1, 2], [3, 1, 2], [4, 1, 2], [5, 1, 2], [6, 1, 2], [7, 1, 1], [8, 1, 1]],
+        "seed": 0,
+        "data_seed": None,
+    },
 }
+DEFAULT_REASONER = REASONER_PRESETS["tiny"]
 
 
 def cache_root() -> Path:
@@ -40,14 +87,38 @@ def cache_root() -> Path:
     return Path(base) / "trl_hsstar"
 
 
-def toy_reasoner_path(cache_dir: str | os.PathLike | None = None, **overrides) -> Path:
-    """Build (or reuse) the toy reasoner for this configuration and return its directory."""
-    unknown = set(overrides) - set(DEFAULT_REASONER)
+def _accuracy_reached(settings: dict, tokenizer, model):
+    """``stop_when`` for M_0: greedy accuracy on a small probe (20 problems of each trained cell, never a held-out
+    problem) reaches ``target_accuracy``. Stopping on a measured accuracy rather than a step count gives a weak
+    reasoner, strong on short sums and weak on long ones, whatever the machine's floating-point path."""
+    cells = [f"{k}x{d}" for k, d, _ in settings["mix"]]
+    probe = level_problems(
+        cells, 20, seed=HELD_OUT_SEED + 1, exclude=level_problems(LEVELS, 100, seed=HELD_OUT_SEED)
+    )
+
+    def stop(step: int) -> bool:
+        return evaluate_levels(model, tokenizer, probe)["all"] >= settings["target_accuracy"]
+
+    return stop
+
+
+def toy_reasoner_path(
+    cache_dir: str | os.PathLike | None = None, preset: str = "tiny", *, progress: bool = False, **overrides
+) -> Path:
+    """Build (or reuse) the toy reasoner for this configuration and return its directory.
+
+    ``preset`` is ``"tiny"`` (seconds to build) or ``"m0"`` (the demo's M_0, about 2 minutes); ``overrides``
+    change single settings of the preset. A newly built reasoner's greedy accuracy per level (see
+    :data:`LEVELS`) is saved as ``levels.json`` beside the weights.
+    """
+    if preset not in REASONER_PRESETS:
+        raise ValueError(f"unknown toy reasoner `preset` {preset!r}; valid: {sorted(REASONER_PRESETS)}")
+    unknown = set(overrides) - set(REASONER_PRESETS[preset])
     if unknown:
         raise ValueError(
-            f"unknown toy reasoner settings {sorted(unknown)}; valid: {sorted(DEFAULT_REASONER)}"
+            f"unknown toy reasoner settings {sorted(unknown)}; valid: {sorted(REASONER_PRESETS[preset])}"
         )
-    settings = {**DEFAULT_REASONER, **overrides}
+    settings = {**REASONER_PRESETS[preset], **overrides}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     path = root / f"toy-reasoner-{key}"
@@ -71,7 +142,15 @@ def toy_reasoner_path(cache_dir: str | os.PathLike | None = None, **overrides) -
         learning_rate=settings["learning_rate"],
         operands=tuple(settings["operands"]),
         digits=tuple(settings["digits"]),
+        mix=settings["mix"],
+        schedule_steps=settings["schedule_steps"],
+        micro_batches=settings["micro_batches"],
         seed=settings["seed"],
+        data_seed=settings["data_seed"],
+        stop_when=None
+        if settings["target_accuracy"] is None
+        else _accuracy_reached(settings, tokenizer, model),
+        progress=progress,
     )
     tmp = root / f".toy-reasoner-{key}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -80,6 +159,164 @@ def toy_reasoner_path(cache_dir: str | os.PathLike | None = None, **overrides) -
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "toy_reasoner.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    if preset != "tiny":
+        table = evaluate_levels(
+            model, tokenizer, level_problems(LEVELS, 100, seed=HELD_OUT_SEED), progress=progress
+        )
+        (tmp / "levels.json").write_text(json.dumps(table, indent=2) + "\n")
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+HELD_OUT_SEED = 10_007
+"""Seed of the held-out evaluation problems (never drawn for training: callers pass them as ``exclude``)."""
+
+
+def level_of(problem: ArithmeticProblem) -> str:
+    """The level name of a problem, ``"<operands>x<digits>"``."""
+    return f"{problem.num_operands}x{problem.digits}"
+
+
+def _parse_level(level: str) -> tuple[int, int]:
+    try:
+        k, d = (int(x) for x in level.split("x"))
+    except ValueError:
+        raise ValueError(f"level {level!r} must look like '<operands>x<digits>', e.g. '6x1'.") from None
+    return k, d
+
+
+def level_problems(
+    levels: Sequence[str], per_level: int, *, seed: int, exclude: Iterable[str | ArithmeticProblem] = ()
+) -> list[ArithmeticProblem]:
+    """``per_level`` distinct problems of each level (in level order), deterministic in ``seed``."""
+    exclude = list(exclude)
+    problems: list[ArithmeticProblem] = []
+    for i, level in enumerate(levels):
+        k, d = _parse_level(level)
+        problems += generate_problems(per_level, operands=k, digits=d, seed=seed * 101 + i, exclude=exclude)
+    return problems
+
+
+def evaluate_levels(
+    model, tokenizer, problems: Sequence[ArithmeticProblem], *, batch_size: int = 128, progress: bool = False
+) -> dict[str, float]:
+    """Greedy answer accuracy per level (and ``"all"``, the mean over problems) of ``model`` on ``problems``."""
+    from ..sampling import SamplingParams, TransformersSampler
+    from ..verify import verify_answer
+
+    sampler = TransformersSampler(model, tokenizer, batch_size=batch_size, progress=progress)
+    longest = max(len(p.rationale()) for p in problems)
+    outputs = sampler.generate(
+        [p.prompt for p in problems],
+        [1] * len(problems),
+        SamplingParams(temperature=0, max_new_tokens=longest + 16),
+    )
+    hits: dict[str, list[bool]] = {}
+    for p, (completion,) in zip(problems, outputs):
+        hits.setdefault(level_of(p), []).append(verify_answer(completion.text, str(p.answer)))
+    table = {level: sum(h) / len(h) for level, h in hits.items()}
+    table["all"] = sum(sum(h) for h in hits.values()) / len(problems)
+    return table
+
+
+DEFAULT_PRM = {
+    "problems_per_level": 120,
+    "samples_per_problem": 4,
+    "temperature": 1.0,
+    "num_train_epochs": 2,
+    "learning_rate": 1e-3,
+    "batch_size": 32,
+    "seed": 0,
+}
+"""How :func:`toy_prm_path` builds the world's process reward model."""
+
+
+def toy_prm_path(
+    reasoner_dir: str | os.PathLike,
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    progress: bool = False,
+    **overrides,
+) -> Path:
+    """Build (or reuse) a learned PRM for the reasoner in ``reasoner_dir`` and return its directory.
+
+    The reasoner samples ``samples_per_problem`` solutions (at ``temperature``) for ``problems_per_level``
+    problems of every level (held-out problems excluded); the step checker labels every step; a
+    token-classification model initialised from the reasoner's own weights is trained on those labels in the
+    Math-Shepherd layout with :func:`~trl_hsstar.prm.train_prm`. Its held-out step accuracy (and the accuracy of
+    always answering the majority label) is saved as ``prm_metrics.json`` beside the weights. Cached by the
+    reasoner and the settings, like the reasoner.
+    """
+    unknown = set(overrides) - set(DEFAULT_PRM)
+    if unknown:
+        raise ValueError(f"unknown toy PRM settings {sorted(unknown)}; valid: {sorted(DEFAULT_PRM)}")
+    settings = {**DEFAULT_PRM, **overrides}
+    reasoner_dir = Path(reasoner_dir)
+    identity = {"reasoner": (reasoner_dir / "toy_reasoner.json").read_text(), **settings}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    path = root / f"toy-prm-{key}"
+    if (path / "config.json").exists():
+        return path
+
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
+
+    from ..prm import prm_examples, train_prm
+    from ..sampling import SamplingParams, TransformersSampler
+    from .problems import label_steps
+    from .tokenizer import STEP_TOKEN
+
+    tokenizer = AutoTokenizer.from_pretrained(reasoner_dir)
+    policy = AutoModelForCausalLM.from_pretrained(reasoner_dir)
+    held_out = level_problems(LEVELS, 100, seed=HELD_OUT_SEED)
+    problems = level_problems(
+        LEVELS, settings["problems_per_level"], seed=settings["seed"] + 1, exclude=held_out
+    )
+    k = settings["samples_per_problem"]
+    longest = max(len(p.rationale()) for p in problems)
+    outputs = TransformersSampler(policy, tokenizer, batch_size=128, progress=progress).generate(
+        [p.prompt for p in problems],
+        [k] * len(problems),
+        SamplingParams(
+            temperature=settings["temperature"], top_p=1.0, max_new_tokens=longest + 16, seed=settings["seed"]
+        ),
+    )
+    del policy
+    prompts, completions, labels = [], [], []
+    for p, samples in zip(problems, outputs):
+        for c in samples:
+            prompts.append(p.prompt)
+            completions.append(c.text)
+            labels.append(label_steps(p, c.text))
+    examples = prm_examples(tokenizer, prompts, completions, labels, step_token=STEP_TOKEN)
+    model = AutoModelForTokenClassification.from_pretrained(reasoner_dir, num_labels=2)
+    with tempfile.TemporaryDirectory() as scratch:
+        metrics = train_prm(
+            model,
+            tokenizer,
+            examples,
+            output_dir=scratch,
+            seed=settings["seed"],
+            num_train_epochs=settings["num_train_epochs"],
+            learning_rate=settings["learning_rate"],
+            per_device_train_batch_size=settings["batch_size"],
+            disable_tqdm=not progress,
+            logging_strategy="no",
+        )
+    metrics["majority_accuracy"] = max(metrics["eval_positive_rate"], 1 - metrics["eval_positive_rate"])
+    tmp = root / f".toy-prm-{key}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "toy_prm.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    (tmp / "prm_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     try:
         os.replace(tmp, path)
     except OSError:  # another process finished first

@@ -1,0 +1,133 @@
+"""Tables and plots of runs on the embedded world (what ``hsstar demo`` and ``hsstar bench`` print and draw).
+
+The tables are plain text / Markdown. The plots need matplotlib (in the ``dev`` and ``demo`` extras); without it
+:func:`plot_run` and :func:`plot_methods` return ``None`` and say so once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .world import LEVELS
+
+__all__ = ["iteration_table", "plot_methods", "plot_run"]
+
+logger = logging.getLogger(__name__)
+
+
+def iteration_table(result: Mapping[str, Any]) -> str:
+    """One run as a Markdown table: per iteration the level counts, budget planned and spent, rows kept and the
+    held-out accuracy per level after the iteration (the first row is M_0)."""
+    levels = [lv for lv in LEVELS if lv in result["initial"]]
+    head = ["iteration", "easy", "boundary", "hard", "budget spent/planned", "rows", *levels, "all"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def accuracy(table):
+        return [f"{table[lv]:.2f}" for lv in levels] + [f"**{table['all']:.3f}**"]
+
+    lines.append("| M_0 | | | | | | " + " | ".join(accuracy(result["initial"])) + " |")
+    for it in result["iterations"]:
+        lv = it["levels"]
+        cells = [
+            str(it["iteration"]),
+            str(lv.get("easy", 0)),
+            str(lv.get("boundary", 0)),
+            str(lv.get("hard", 0)),
+            f"{it['budget_spent']}/{it['budget_planned']}",
+            str(it["rows"]),
+            *accuracy(it["held_out"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no plots (pip install 'trl-hsstar[demo]').")
+        return None
+    return plt
+
+
+def plot_run(result: Mapping[str, Any], output_dir: str | Path) -> list[Path] | None:
+    """``levels.png`` (difficulty distribution and samples spent per world level, per iteration) and
+    ``accuracy.png`` (held-out accuracy per level, per iteration) for one run."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    output_dir = Path(output_dir)
+    iterations = result["iterations"]
+    world = [lv for lv in LEVELS if any(lv in it["samples_by_world_level"] for it in iterations)]
+    n = len(iterations)
+    fig, axes = plt.subplots(2, n, figsize=(4 * n, 6.5), squeeze=False, sharey="row")
+    colors = {"easy": "#4daf4a", "boundary": "#ff7f00", "hard": "#e41a1c"}
+    for j, it in enumerate(iterations):
+        ax = axes[0][j]
+        bottom = [0] * len(world)
+        for level in ("easy", "boundary", "hard"):
+            counts = [it["levels_by_world_level"].get(w, {}).get(level, 0) for w in world]
+            ax.bar(world, counts, bottom=bottom, color=colors[level], label=level)
+            bottom = [b + c for b, c in zip(bottom, counts)]
+        ax.set_title(f"iteration {it['iteration']}: estimated level")
+        ax.tick_params(axis="x", labelrotation=45)
+        axes[1][j].bar(world, [it["samples_by_world_level"].get(w, 0) for w in world], color="#377eb8")
+        axes[1][j].set_title(f"iteration {it['iteration']}: samples spent")
+        axes[1][j].tick_params(axis="x", labelrotation=45)
+    axes[0][0].set_ylabel("problems")
+    axes[1][0].set_ylabel("samples")
+    axes[0][-1].legend()
+    fig.tight_layout()
+    levels_png = output_dir / "levels.png"
+    fig.savefig(levels_png, dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    tables = [result["initial"], *(it["held_out"] for it in iterations)]
+    xs = list(range(len(tables)))
+    for lv in [lv for lv in LEVELS if lv in result["initial"]]:
+        ax.plot(xs, [t[lv] for t in tables], marker="o", label=lv)
+    ax.plot(xs, [t["all"] for t in tables], marker="s", color="black", linewidth=2.5, label="all")
+    ax.set_xticks(xs, ["M_0", *(str(it["iteration"] + 1) for it in iterations)])
+    ax.set_xlabel("after iteration")
+    ax.set_ylabel("held-out greedy accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.legend(ncol=2, fontsize="small")
+    fig.tight_layout()
+    accuracy_png = output_dir / "accuracy.png"
+    fig.savefig(accuracy_png, dpi=100)
+    plt.close(fig)
+    return [levels_png, accuracy_png]
+
+
+def plot_methods(
+    curves: Mapping[str, Sequence[Sequence[float]]], path: str | Path, *, title: str
+) -> Path | None:
+    """Held-out accuracy per iteration for several methods: ``curves[method]`` is one list per seed (M_0
+    first); draws the mean with the min-max band across seeds."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, runs in curves.items():
+        xs = list(range(len(runs[0])))
+        mean = [sum(r[i] for r in runs) / len(runs) for i in xs]
+        ax.plot(xs, mean, marker="o", label=method)
+        ax.fill_between(
+            xs, [min(r[i] for r in runs) for i in xs], [max(r[i] for r in runs) for i in xs], alpha=0.15
+        )
+    ax.set_xticks(xs, ["M_0", *(str(i) for i in xs[1:])])
+    ax.set_xlabel("after iteration")
+    ax.set_ylabel("held-out greedy accuracy (all levels)")
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
