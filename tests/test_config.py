@@ -64,6 +64,8 @@ def test_bf16_is_switched_off_without_an_accelerator(tmp_path):
         ({"problems_per_iteration": 0}, "`problems_per_iteration`"),
         ({"max_rows_per_problem": 0}, "`max_rows_per_problem`"),
         ({"train_levels": ["medium"]}, "`train_levels`"),
+        ({"resample_levels": []}, "`resample_levels`"),
+        ({"resample_levels": ["medium"]}, "`resample_levels`"),
         ({"use_vllm": True}, "`use_vllm=True`: the vLLM backend is not available"),
         ({"vllm_mode": "server"}, "`vllm_mode='server'`"),
     ],

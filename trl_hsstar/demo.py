@@ -68,14 +68,17 @@ def run_demo(args: argparse.Namespace) -> dict:
     print(f"torch threads: {torch.get_num_threads()}")
 
     print("\n[1/3] M_0: the tiny reasoner (built once, then cached)")
-    reasoner = toy_reasoner_path(args.cache_dir, preset="m0", progress=True)
+    reasoner = toy_reasoner_path(args.cache_dir, preset=args.reasoner, progress=True)
     print(f"      {reasoner}")
     prm = None
     if args.reward == "prm":
         print(
             "\n[2/3] the PRM: trained on M_0's own samples, labelled by the step checker (built once, then cached)"
         )
-        prm = toy_prm_path(reasoner, args.cache_dir, progress=True)
+        small = {"problems_per_level": 8, "samples_per_problem": 2, "num_train_epochs": 1}
+        prm = toy_prm_path(
+            reasoner, args.cache_dir, progress=True, **(small if args.reasoner == "tiny" else {})
+        )
         metrics = json.loads((prm / "prm_metrics.json").read_text())
         print(
             f"      {prm}\n      held-out step accuracy {metrics['eval_step_accuracy']:.3f} "

@@ -1,0 +1,357 @@
+"""Equal-budget comparison of sampling-budget allocation methods on the embedded world (``hsstar bench``).
+
+The same M_0, PRM, held-out problems, training problems and seeds for every method; every method spends exactly
+``sampling_budget`` samples per problem on average. Three studies:
+
+* main: methods uniform (STaR/RFT), hsstar (the release's rule), prop2diff (DART-Math) and band (pass-rate band),
+  objectives SFT and DPO, several seeds and iterations;
+* utility: the re-sampling budget (and the training) on easy, boundary or hard problems only (SFT);
+* n_p sweep: hsstar with n_p pre-samples from 0 to B (SFT).
+
+Every run's record is saved as it finishes (``<work-dir>/runs/<key>.json``) and a rerun skips finished runs, so
+an interrupted benchmark resumes. The report (tables, plots, command, machine, threads) replaces the section
+between ``<!-- bench_methods:start -->`` and ``<!-- bench_methods:end -->`` in ``--report`` and the merged
+records go to ``--results``.
+
+    hsstar bench                # the full run (about 30 minutes on 2 cores, M_0 and PRM cached)
+    hsstar bench --quick        # a smoke test on the tiny reasoner (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+START, END = "<!-- bench_methods:start -->", "<!-- bench_methods:end -->"
+MAIN_METHODS = ("uniform", "hsstar", "prop2diff", "band")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hsstar bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="smoke test: tiny reasoner, 1 seed, 1 iteration, few problems"
+    )
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument(
+        "--sweep-seeds", type=int, nargs="+", default=[0, 1], help="seeds of the utility study and n_p sweep"
+    )
+    p.add_argument("--num-iterations", type=int, default=3)
+    p.add_argument("--problems-per-iteration", type=int, default=128)
+    p.add_argument("--sampling-budget", type=int, default=8)
+    p.add_argument("--eval-per-level", type=int, default=150)
+    p.add_argument("--presample-sweep", type=int, nargs="+", default=[0, 1, 3, 5, 8])
+    p.add_argument("--objectives", nargs="+", default=["sft", "dpo"], choices=["sft", "dpo"])
+    p.add_argument("--reward", choices=["prm", "oracle"], default="prm")
+    p.add_argument("--work-dir", default=str(ROOT / "runs" / "bench"))
+    p.add_argument("--report", default=str(ROOT / "docs" / "benchmarks.md"))
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "bench_methods.json"))
+    p.add_argument("--cache-dir", default=None, help="where M_0 and the PRM are cached (default: ~/.cache)")
+    return p
+
+
+def plan(args) -> list[dict]:
+    """Every run of the benchmark: study, objective, method, n_p and seed."""
+    runs = []
+    for objective in args.objectives:
+        for method in MAIN_METHODS:
+            for seed in args.seeds:
+                runs.append(
+                    {
+                        "study": "main",
+                        "objective": objective,
+                        "method": method,
+                        "num_presamples": 3,
+                        "seed": seed,
+                    }
+                )
+    if not args.quick:
+        for method in ("hsstar-easy", "hsstar-hard"):  # hsstar-boundary is the main study's hsstar
+            for seed in args.sweep_seeds:
+                runs.append(
+                    {
+                        "study": "utility",
+                        "objective": "sft",
+                        "method": method,
+                        "num_presamples": 3,
+                        "seed": seed,
+                    }
+                )
+        for n_p in args.presample_sweep:
+            if n_p == 3:
+                continue  # the main study's hsstar
+            for seed in args.sweep_seeds:
+                runs.append(
+                    {
+                        "study": "sweep",
+                        "objective": "sft",
+                        "method": "hsstar",
+                        "num_presamples": n_p,
+                        "seed": seed,
+                    }
+                )
+    return runs
+
+
+def key(run: dict) -> str:
+    return f"{run['objective']}-{run['method']}-np{run['num_presamples']}-s{run['seed']}"
+
+
+def _mean_sd(values):
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def _final(record):
+    return record["iterations"][-1]["held_out"]
+
+
+def summarise(records: dict[str, dict], runs: list[dict], levels) -> dict:
+    """Per (objective, method, n_p): the mean and spread over seeds of every reported figure."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        rec = records.get(key(run))
+        if rec is not None:
+            groups.setdefault((run["objective"], run["method"], run["num_presamples"]), []).append(rec)
+    out = {}
+    for (objective, method, n_p), recs in groups.items():
+        its = [it for r in recs for it in r["iterations"]]
+        out[(objective, method, n_p)] = {
+            "seeds": len(recs),
+            "final": [_final(r)["all"] for r in recs],
+            "gain": [_final(r)["all"] - r["initial"]["all"] for r in recs],
+            "curve": [
+                [r["initial"]["all"], *(it["held_out"]["all"] for it in r["iterations"])] for r in recs
+            ],
+            "per_level": {lv: [_final(r)[lv] for r in recs] for lv in levels},
+            "useful_rows_per_1000": statistics.mean(it["useful_rows_per_1000"] for it in its),
+            "samples_on_easy": statistics.mean(it["samples_on_easy"] for it in its),
+            "samples_on_boundary": statistics.mean(it["samples_on_boundary"] for it in its),
+            "samples_on_hard": statistics.mean(it["samples_on_hard"] for it in its),
+            "budget_exact": all(it["budget_spent"] == it["budget_planned"] for it in its),
+            "wall_seconds": statistics.mean(r["wall_seconds"] for r in recs),
+        }
+    return out
+
+
+def report(args, records, runs, summary, meta, levels, plots) -> str:
+    lines = [START, "", "## Allocation methods at equal budget (the embedded world)", ""]
+    lines += [
+        f"Command: `{meta['command']}`  ",
+        f"Machine: {meta['machine']}; torch {meta['torch']} with {meta['torch_threads']} threads; load average at "
+        f"start {meta['load_average']}; total {meta['total_minutes']:.1f} min.  ",
+        f"Setup: M_0 `{meta['reasoner']}` (greedy held-out accuracy {meta['initial']['all']:.3f}); reward "
+        f"{meta['reward']}; {args.num_iterations} iterations x {args.problems_per_iteration} fresh problems, budget "
+        f"B={args.sampling_budget} per problem ({args.problems_per_iteration * args.sampling_budget} samples per "
+        f"iteration for every method); held-out: {args.eval_per_level} problems per level, greedy. Figures are "
+        "mean ± sd over seeds; `gain` is final minus M_0.",
+        "",
+        "M_0 per level: " + ", ".join(f"{lv} {meta['initial'][lv]:.2f}" for lv in levels),
+        "",
+    ]
+    for objective in args.objectives:
+        lines += [f"### Main study, {objective.upper()}", ""]
+        head = [
+            "method",
+            "seeds",
+            "final accuracy",
+            "gain",
+            *levels,
+            "useful rows / 1k samples",
+            "samples on easy / boundary / hard per iteration",
+            "budget exact",
+            "wall s / run",
+        ]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for method in MAIN_METHODS:
+            s = summary.get((objective, method, 3))
+            if s is None:
+                continue
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        method,
+                        str(s["seeds"]),
+                        _mean_sd(s["final"]),
+                        _mean_sd(s["gain"]),
+                        *(f"{statistics.mean(s['per_level'][lv]):.2f}" for lv in levels),
+                        f"{s['useful_rows_per_1000']:.0f}",
+                        f"{s['samples_on_easy']:.0f} / {s['samples_on_boundary']:.0f} / {s['samples_on_hard']:.0f}",
+                        "yes" if s["budget_exact"] else "NO",
+                        f"{s['wall_seconds']:.0f}",
+                    ]
+                )
+                + " |"
+            )
+        lines.append("")
+        lines.append("Held-out accuracy after each iteration (mean over seeds; M_0 first):")
+        lines.append("")
+        for method in MAIN_METHODS:
+            s = summary.get((objective, method, 3))
+            if s is not None:
+                curve = [statistics.mean(c[i] for c in s["curve"]) for i in range(len(s["curve"][0]))]
+                lines.append(f"- {method}: " + " → ".join(f"{v:.3f}" for v in curve))
+        lines.append("")
+        if plots.get(objective):
+            lines += [f"![{objective} accuracy per iteration]({plots[objective]})", ""]
+    if not args.quick:
+        lines += ["### Utility study (SFT): the re-sampling budget and the training on one level only", ""]
+        lines += [
+            "| re-sample and train on | seeds | final accuracy | gain | useful rows / 1k samples |",
+            "|---|---|---|---|---|",
+        ]
+        for method, name in (("hsstar-easy", "easy"), ("hsstar", "boundary"), ("hsstar-hard", "hard")):
+            s = summary.get(("sft", method, 3))
+            if s is not None:
+                lines.append(
+                    f"| {name} | {s['seeds']} | {_mean_sd(s['final'])} | {_mean_sd(s['gain'])} | {s['useful_rows_per_1000']:.0f} |"
+                )
+        lines += ["", "### n_p sweep (SFT, hsstar)", ""]
+        lines += [
+            "| n_p | seeds | final accuracy | gain | useful rows / 1k samples | samples on easy / boundary / hard |",
+            "|---|---|---|---|---|---|",
+        ]
+        for n_p in sorted(set(args.presample_sweep) | {3}):
+            s = summary.get(("sft", "hsstar", n_p))
+            if s is not None:
+                lines.append(
+                    f"| {n_p} | {s['seeds']} | {_mean_sd(s['final'])} | {_mean_sd(s['gain'])} | {s['useful_rows_per_1000']:.0f} | "
+                    f"{s['samples_on_easy']:.0f} / {s['samples_on_boundary']:.0f} / {s['samples_on_hard']:.0f} |"
+                )
+        lines.append("")
+    lines += [f"Raw records: `{os.path.relpath(args.results, ROOT)}`.", "", END]
+    return "\n".join(lines)
+
+
+def write_report(path: Path, section: str) -> None:
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if START in text and END in text:
+        text = text[: text.index(START)] + section + text[text.index(END) + len(END) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def main(argv=None) -> int:
+    args = make_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    from trl_hsstar.toy.experiment import WorldRun, held_out_problems, run_world, world_problems
+    from trl_hsstar.toy.report import plot_methods
+    from trl_hsstar.toy.world import LEVELS, evaluate_levels, toy_prm_path, toy_reasoner_path
+
+    if args.quick:
+        args.seeds, args.num_iterations, args.problems_per_iteration, args.eval_per_level = [0], 1, 24, 10
+        args.sampling_budget = 4
+    start = time.monotonic()
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ("n/a",)
+    work = Path(args.work_dir)
+    (work / "runs").mkdir(parents=True, exist_ok=True)
+    preset = "tiny" if args.quick else "m0"
+    reasoner = toy_reasoner_path(args.cache_dir, preset=preset, progress=True)
+    prm = None
+    if args.reward == "prm":
+        prm_settings = (
+            {"problems_per_level": 8, "samples_per_problem": 2, "num_train_epochs": 1} if args.quick else {}
+        )
+        prm = toy_prm_path(reasoner, args.cache_dir, progress=True, **prm_settings)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    held_out = held_out_problems(args.eval_per_level)
+    initial = evaluate_levels(
+        AutoModelForCausalLM.from_pretrained(reasoner), AutoTokenizer.from_pretrained(reasoner), held_out
+    )
+    runs = plan(args)
+    records = {}
+    for i, run in enumerate(runs, 1):
+        k = key(run)
+        path = work / "runs" / f"{k}.json"
+        if path.exists():
+            records[k] = json.loads(path.read_text())
+            continue
+        print(f"[{i}/{len(runs)}] {k}", flush=True)
+        problems = world_problems(
+            args.num_iterations * args.problems_per_iteration, seed=run["seed"], exclude=held_out
+        )
+        out_dir = work / "out" / k
+        if out_dir.exists():  # an interrupted run restarts from scratch: its record is what counts
+            import shutil
+
+            shutil.rmtree(out_dir)
+        record = run_world(
+            WorldRun(
+                method=run["method"],
+                objective=run["objective"],
+                seed=run["seed"],
+                num_iterations=args.num_iterations,
+                problems_per_iteration=args.problems_per_iteration,
+                sampling_budget=args.sampling_budget,
+                num_presamples=min(run["num_presamples"], args.sampling_budget),
+                reward=args.reward,
+            ),
+            reasoner_dir=reasoner,
+            prm_dir=prm,
+            output_dir=out_dir,
+            held_out=held_out,
+            problems=problems,
+            initial_eval=initial,
+        )
+        record["study"] = run["study"]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, path)
+        records[k] = record
+        print(
+            f"    final accuracy {record['iterations'][-1]['held_out']['all']:.3f} (M_0 {initial['all']:.3f}), {record['wall_seconds']} s",
+            flush=True,
+        )
+
+    levels = [lv for lv in LEVELS if lv in initial]
+    summary = summarise(records, runs, levels)
+    report_path = Path(args.report)
+    plots = {}
+    for objective in args.objectives:
+        curves = {
+            m: summary[(objective, m, 3)]["curve"] for m in MAIN_METHODS if (objective, m, 3) in summary
+        }
+        image = (
+            report_path.parent / "images" / f"bench_methods_{objective}{'_quick' if args.quick else ''}.png"
+        )
+        image.parent.mkdir(parents=True, exist_ok=True)
+        if plot_methods(curves, image, title=f"{objective.upper()}: held-out accuracy, mean and seed range"):
+            plots[objective] = os.path.relpath(image, report_path.parent)
+    meta = {
+        "command": "hsstar bench " + " ".join(sys.argv[1:]) if sys.argv[1:] else "hsstar bench",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "load_average": ", ".join(f"{x:.2f}" if isinstance(x, float) else str(x) for x in load),
+        "total_minutes": (time.monotonic() - start) / 60,
+        "reasoner": f"{preset} ({Path(reasoner).name})",
+        "reward": "the learned PRM (Math-Shepherd layout)" if prm else "the exact step checker (oracle)",
+        "initial": initial,
+    }
+    write_report(report_path, report(args, records, runs, summary, meta, levels, plots))
+    results = Path(args.results)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps({"meta": meta, "args": vars(args), "records": records}, indent=1))
+    print(f"report: {report_path}\nresults: {results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""The embedded world end to end: M_0's builder, held-out evaluation, the learned PRM, world runs, demo and bench."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trl_hsstar.toy import build_char_tokenizer, build_tiny_model
+from trl_hsstar.toy.experiment import METHODS, WorldRun, held_out_problems, run_world, world_problems
+from trl_hsstar.toy.train import pretrain_reasoner
+from trl_hsstar.toy.world import (
+    LEVELS,
+    REASONER_PRESETS,
+    evaluate_levels,
+    level_of,
+    level_problems,
+    toy_prm_path,
+    toy_reasoner_path,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+# M_0's recipe (a level mix, micro-batches, a stop on measured accuracy) on a model small enough for a test
+TINY_M0 = dict(
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=1,
+    intermediate_size=64,
+    steps=6,
+    batch_size=8,
+    target_accuracy=0.99,
+)
+SMALL_PRM = dict(problems_per_level=6, samples_per_problem=2, num_train_epochs=1)
+
+
+def _weights(path):
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+def test_m0_builder_is_deterministic(tmp_path):
+    a = toy_reasoner_path(tmp_path / "a", preset="m0", **TINY_M0)
+    b = toy_reasoner_path(tmp_path / "b", preset="m0", **TINY_M0)
+    c = toy_reasoner_path(tmp_path / "c", preset="m0", **{**TINY_M0, "seed": 1})
+    wa, wb, wc = _weights(a), _weights(b), _weights(c)
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # same seed, same weights
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)  # another seed, other weights
+    table = json.loads((a / "levels.json").read_text())  # the per-level accuracy table is saved
+    assert set(table) == {*LEVELS, "all"} and all(0 <= v <= 1 for v in table.values())
+    assert json.loads((a / "toy_reasoner.json").read_text())["mix"] == REASONER_PRESETS["m0"]["mix"]
+    # cached: the same settings give the same directory without rebuilding
+    assert toy_reasoner_path(tmp_path / "a", preset="m0", **TINY_M0) == a
+
+
+def test_unknown_preset_or_setting_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="preset"):
+        toy_reasoner_path(tmp_path, preset="huge")
+    with pytest.raises(ValueError, match="hidden"):
+        toy_reasoner_path(tmp_path, preset="m0", hiden_size=3)
+    assert not any(tmp_path.iterdir())  # nothing built
+
+
+def test_training_stops_when_the_target_is_reached_and_mix_is_checked():
+    tok = build_char_tokenizer()
+    model = build_tiny_model(
+        tok, hidden_size=32, num_hidden_layers=1, num_attention_heads=1, intermediate_size=64
+    )
+    calls = []
+
+    def stop(step):
+        calls.append((step, model.training))
+        return step >= 4
+
+    losses = pretrain_reasoner(
+        model,
+        tok,
+        steps=50,
+        batch_size=4,
+        mix=[[2, 1, 1], [3, 1, 1]],
+        micro_batches=2,
+        stop_when=stop,
+        check_every=2,
+    )
+    assert len(losses) == 4 and calls == [(2, False), (4, False)]  # checked in eval mode, stopped at step 4
+    with pytest.raises(ValueError, match="mix"):
+        pretrain_reasoner(model, tok, steps=1, mix=[[2, 1, -1]])
+    with pytest.raises(ValueError, match="schedule_steps"):
+        pretrain_reasoner(model, tok, steps=5, schedule_steps=2)
+
+
+def test_micro_batches_give_the_full_batch_update():
+    tok = build_char_tokenizer()
+    runs = []
+    for micro in (1, 3):
+        model = build_tiny_model(
+            tok, hidden_size=32, num_hidden_layers=1, num_attention_heads=1, intermediate_size=64
+        )
+        losses = pretrain_reasoner(model, tok, steps=2, batch_size=6, operands=(2, 6), micro_batches=micro)
+        runs.append((losses, model.state_dict()))
+    (loss_a, wa), (loss_b, wb) = runs
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)  # token-weighted: the same loss as one full batch
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)  # and the same update
+
+
+def test_levels_and_held_out_problems_are_disjoint():
+    held = held_out_problems(20)
+    assert [level_of(p) for p in held] == [lv for lv in LEVELS for _ in range(20)]
+    train = world_problems(140, seed=3, exclude=held)
+    assert len(train) == 140 and not {p.id for p in train} & {p.id for p in held}
+    assert {level_of(p) for p in train} == set(LEVELS)  # drawn from every level
+    assert world_problems(140, seed=3, exclude=held) == train  # deterministic
+    with pytest.raises(ValueError, match="operands"):
+        level_problems(["six"], 3, seed=0)
+
+
+def test_evaluate_levels_scores_greedy_answers(reasoner_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(reasoner_dir)
+    tok = AutoTokenizer.from_pretrained(reasoner_dir)
+    problems = level_problems(["3x1", "8x1"], 12, seed=5)
+    table = evaluate_levels(model, tok, problems)
+    assert set(table) == {"3x1", "8x1", "all"}
+    assert table["all"] == pytest.approx((table["3x1"] + table["8x1"]) / 2)
+    assert table["3x1"] > table["8x1"]  # the tiny reasoner was trained on 2 to 5 operands
+
+
+def test_prm_is_trained_on_the_reasoners_samples_and_loads_as_a_reward(reasoner_dir, tmp_path):
+    from trl_hsstar.rewards import ProcessRewardModel
+    from trl_hsstar.trainer import _load_reward_model
+
+    path = toy_prm_path(reasoner_dir, tmp_path, **SMALL_PRM)
+    metrics = json.loads((path / "prm_metrics.json").read_text())
+    assert 0 <= metrics["eval_step_accuracy"] <= 1 and metrics["num_train"] > 0 and metrics["num_eval"] > 0
+    assert metrics["majority_accuracy"] >= 0.5
+    source = _load_reward_model(str(path), None, torch.device("cpu"))
+    assert isinstance(source, ProcessRewardModel)
+    problem = level_problems(["3x1"], 1, seed=0)[0]
+    scores = source([problem.prompt], [problem.rationale()])
+    assert len(scores) == 1 and 0 <= scores[0] <= 1
+    assert toy_prm_path(reasoner_dir, tmp_path, **SMALL_PRM) == path  # cached
+    with pytest.raises(ValueError, match="epochs"):
+        toy_prm_path(reasoner_dir, tmp_path, epochs=3)
+
+
+@pytest.mark.parametrize("method", ["hsstar", "uniform", "hsstar-easy"])
+def test_world_run_spends_the_budget_and_records_held_out_accuracy(reasoner_dir, tmp_path, method):
+    held = held_out_problems(4)
+    problems = world_problems(2 * 14, seed=0, exclude=held)
+    record = run_world(
+        WorldRun(
+            method=method, num_iterations=2, problems_per_iteration=14, sampling_budget=4, reward="oracle"
+        ),
+        reasoner_dir=reasoner_dir,
+        prm_dir=None,
+        output_dir=tmp_path / "run",
+        held_out=held,
+        problems=problems,
+    )
+    assert len(record["iterations"]) == 2
+    for it in record["iterations"]:
+        assert it["budget_spent"] == it["budget_planned"] == 14 * 4
+        assert sum(it["samples_by_world_level"].values()) == 14 * 4
+        assert sum(sum(c.values()) for c in it["levels_by_world_level"].values()) == 14
+        assert set(it["held_out"]) == {*LEVELS, "all"}
+        spent = it["samples_on_easy"] + it["samples_on_boundary"] + it["samples_on_hard"]
+        assert spent == 14 * 4
+        if method == "hsstar-easy" and it["levels"].get("easy"):  # utility study: re-samples on easy only
+            others = it["levels"].get("boundary", 0) + it["levels"].get("hard", 0)
+            assert it["samples_on_boundary"] + it["samples_on_hard"] == 3 * others
+    manifest = json.loads((tmp_path / "run" / "hsstar_run.json").read_text())
+    assert manifest["allocation"] == METHODS[method]["allocation"]
+
+
+def test_world_run_rejects_bad_settings():
+    with pytest.raises(ValueError, match="method"):
+        WorldRun(method="greedy")
+    with pytest.raises(ValueError, match="reward"):
+        WorldRun(reward="judge")
+
+
+def test_demo_prints_the_table_and_writes_plots(reasoner_dir, tmp_path, capsys, monkeypatch):
+    from trl_hsstar.cli import main
+
+    cache = Path(reasoner_dir).parent
+    out = tmp_path / "demo"
+    argv = ["demo", "--reasoner", "tiny", "--cache-dir", str(cache), "--output-dir", str(out)]
+    argv += ["--num-iterations", "2", "--problems-per-iteration", "14", "--sampling-budget", "4"]
+    argv += ["--eval-per-level", "3", "--reward", "oracle"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| M_0 |" in printed and "budget spent/planned" in printed and "56/56" in printed
+    result = json.loads((out / "results.json").read_text())
+    assert len(result["iterations"]) == 2
+    assert (out / "summary.md").exists() and (out / "levels.png").stat().st_size > 0
+    assert (out / "accuracy.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="already holds a run"):  # a finished run is never overwritten
+        main(argv)
+
+
+def test_bench_quick_writes_the_report_and_records(reasoner_dir, tmp_path, monkeypatch):
+    from trl_hsstar.cli import main
+
+    report = tmp_path / "benchmarks.md"
+    report.write_text(
+        "# Benchmarks\n\nkept above\n\n<!-- bench_methods:start -->\nold\n<!-- bench_methods:end -->\n\nkept below\n"
+    )
+    results = tmp_path / "bench.json"
+    argv = [
+        "bench",
+        "--quick",
+        "--cache-dir",
+        str(Path(reasoner_dir).parent),
+        "--work-dir",
+        str(tmp_path / "w"),
+    ]
+    argv += ["--report", str(report), "--results", str(results)]
+    monkeypatch.setattr(sys, "argv", ["hsstar", *argv])
+    assert main(argv) == 0
+    text = report.read_text()
+    assert "kept above" in text and "kept below" in text and "old" not in text
+    assert "### Main study, SFT" in text and "### Main study, DPO" in text
+    records = json.loads(results.read_text())["records"]
+    assert len(records) == 8  # 4 methods x 2 objectives x 1 seed
+    for rec in records.values():
+        assert all(it["budget_spent"] == it["budget_planned"] for it in rec["iterations"])
+    # a rerun resumes: every finished run is read back, none is redone
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "w" / "runs").iterdir()}
+    assert main(argv) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "w" / "runs").iterdir()} == before
