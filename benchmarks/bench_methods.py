@@ -29,8 +29,23 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-START, END = "<!-- bench_methods:start -->", "<!-- bench_methods:end -->"
+
+
+def markers(section: str) -> tuple[str, str]:
+    name = "bench_methods" + (f":{section}" if section else "")
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
 MAIN_METHODS = ("uniform", "hsstar", "prop2diff", "band")
+DPO_LR = 1.5e-4  # WorldRun's DPO default
+
+
+def tracks(args) -> list[tuple[str, str, float | None]]:
+    """(name, objective, learning rate) of every main-study track: "sft", "dpo" and "dpo-lr<x>" for extra rates."""
+    out = [("sft", "sft", None)] if "sft" in args.objectives else []
+    if "dpo" in args.objectives:
+        out += [("dpo" if lr == DPO_LR else f"dpo-lr{lr:g}", "dpo", lr) for lr in args.dpo_learning_rates]
+    return out
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -50,7 +65,22 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-per-level", type=int, default=150)
     p.add_argument("--presample-sweep", type=int, nargs="+", default=[0, 1, 3, 5, 8])
     p.add_argument("--objectives", nargs="+", default=["sft", "dpo"], choices=["sft", "dpo"])
+    p.add_argument(
+        "--dpo-learning-rates",
+        type=float,
+        nargs="+",
+        default=[DPO_LR],
+        help=f"DPO learning rates of the main study (default {DPO_LR:g}: the release's DPO/SFT ratio of 0.5)",
+    )
     p.add_argument("--reward", choices=["prm", "oracle"], default="prm")
+    p.add_argument("--methods", nargs="+", default=list(MAIN_METHODS), choices=MAIN_METHODS)
+    p.add_argument(
+        "--studies", nargs="+", default=["main", "utility", "sweep"], choices=["main", "utility", "sweep"]
+    )
+    p.add_argument(
+        "--section", default="", help="write the report between <!-- bench_methods:SECTION:start/end -->"
+    )
+    p.add_argument("--title", default="Allocation methods at equal budget (the embedded world)")
     p.add_argument("--work-dir", default=str(ROOT / "runs" / "bench"))
     p.add_argument("--report", default=str(ROOT / "docs" / "benchmarks.md"))
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "bench_methods.json"))
@@ -61,30 +91,35 @@ def make_parser() -> argparse.ArgumentParser:
 def plan(args) -> list[dict]:
     """Every run of the benchmark: study, objective, method, n_p and seed."""
     runs = []
-    for objective in args.objectives:
-        for method in MAIN_METHODS:
+    for track, objective, lr in tracks(args):
+        for method in args.methods if "main" in args.studies else ():
             for seed in args.seeds:
                 runs.append(
                     {
                         "study": "main",
+                        "track": track,
+                        "learning_rate": lr,
                         "objective": objective,
                         "method": method,
                         "num_presamples": 3,
                         "seed": seed,
                     }
                 )
-    if not args.quick:
+    if not args.quick and "utility" in args.studies:
         for method in ("hsstar-easy", "hsstar-hard"):  # hsstar-boundary is the main study's hsstar
             for seed in args.sweep_seeds:
                 runs.append(
                     {
                         "study": "utility",
+                        "track": "sft",
+                        "learning_rate": None,
                         "objective": "sft",
                         "method": method,
                         "num_presamples": 3,
                         "seed": seed,
                     }
                 )
+    if not args.quick and "sweep" in args.studies:
         for n_p in args.presample_sweep:
             if n_p == 3:
                 continue  # the main study's hsstar
@@ -92,6 +127,8 @@ def plan(args) -> list[dict]:
                 runs.append(
                     {
                         "study": "sweep",
+                        "track": "sft",
+                        "learning_rate": None,
                         "objective": "sft",
                         "method": "hsstar",
                         "num_presamples": n_p,
@@ -102,7 +139,7 @@ def plan(args) -> list[dict]:
 
 
 def key(run: dict) -> str:
-    return f"{run['objective']}-{run['method']}-np{run['num_presamples']}-s{run['seed']}"
+    return f"{run['track']}-{run['method']}-np{run['num_presamples']}-s{run['seed']}"
 
 
 def _mean_sd(values):
@@ -123,7 +160,7 @@ def summarise(records: dict[str, dict], runs: list[dict], levels) -> dict:
     for run in runs:
         rec = records.get(key(run))
         if rec is not None:
-            groups.setdefault((run["objective"], run["method"], run["num_presamples"]), []).append(rec)
+            groups.setdefault((run["track"], run["method"], run["num_presamples"]), []).append(rec)
     out = {}
     for (objective, method, n_p), recs in groups.items():
         its = [it for r in recs for it in r["iterations"]]
@@ -146,22 +183,27 @@ def summarise(records: dict[str, dict], runs: list[dict], levels) -> dict:
 
 
 def report(args, records, runs, summary, meta, levels, plots) -> str:
-    lines = [START, "", "## Allocation methods at equal budget (the embedded world)", ""]
+    start, end = markers(args.section)
+    lines = [start, "", f"## {args.title}", ""]
     lines += [
         f"Command: `{meta['command']}`  ",
         f"Machine: {meta['machine']}; torch {meta['torch']} with {meta['torch_threads']} threads; load average at "
-        f"start {meta['load_average']}; total {meta['total_minutes']:.1f} min.  ",
+        f"start {meta['load_average']}. The {meta['num_runs']} runs took {meta['run_minutes']:.1f} min in all, "
+        f"plus about 3.5 min to build M_0 and the PRM when they are not cached (a rerun reads finished runs back; "
+        f"the invocation that wrote this took {meta['total_minutes']:.1f} min).  ",
         f"Setup: M_0 `{meta['reasoner']}` (greedy held-out accuracy {meta['initial']['all']:.3f}); reward "
         f"{meta['reward']}; {args.num_iterations} iterations x {args.problems_per_iteration} fresh problems, budget "
         f"B={args.sampling_budget} per problem ({args.problems_per_iteration * args.sampling_budget} samples per "
-        f"iteration for every method); held-out: {args.eval_per_level} problems per level, greedy. Figures are "
+        f"iteration for every method); held-out: {args.eval_per_level} problems per level, greedy; SFT lr 3e-4, cosine, one epoch per "
+        "iteration, at most 4 rows (pairs) per problem. Figures are "
         "mean ± sd over seeds; `gain` is final minus M_0.",
         "",
         "M_0 per level: " + ", ".join(f"{lv} {meta['initial'][lv]:.2f}" for lv in levels),
         "",
     ]
-    for objective in args.objectives:
-        lines += [f"### Main study, {objective.upper()}", ""]
+    for objective, _, lr in tracks(args):
+        rate = f" (lr {lr:g})" if lr is not None else ""
+        lines += [f"### Main study, {objective.split('-')[0].upper()}{rate}", ""]
         head = [
             "method",
             "seeds",
@@ -206,7 +248,7 @@ def report(args, records, runs, summary, meta, levels, plots) -> str:
         lines.append("")
         if plots.get(objective):
             lines += [f"![{objective} accuracy per iteration]({plots[objective]})", ""]
-    if not args.quick:
+    if "utility" in args.studies and not args.quick:
         lines += ["### Utility study (SFT): the re-sampling budget and the training on one level only", ""]
         lines += [
             "| re-sample and train on | seeds | final accuracy | gain | useful rows / 1k samples |",
@@ -218,7 +260,9 @@ def report(args, records, runs, summary, meta, levels, plots) -> str:
                 lines.append(
                     f"| {name} | {s['seeds']} | {_mean_sd(s['final'])} | {_mean_sd(s['gain'])} | {s['useful_rows_per_1000']:.0f} |"
                 )
-        lines += ["", "### n_p sweep (SFT, hsstar)", ""]
+        lines.append("")
+    if "sweep" in args.studies and not args.quick:
+        lines += ["### n_p sweep (SFT, hsstar)", ""]
         lines += [
             "| n_p | seeds | final accuracy | gain | useful rows / 1k samples | samples on easy / boundary / hard |",
             "|---|---|---|---|---|---|",
@@ -231,11 +275,12 @@ def report(args, records, runs, summary, meta, levels, plots) -> str:
                     f"{s['samples_on_easy']:.0f} / {s['samples_on_boundary']:.0f} / {s['samples_on_hard']:.0f} |"
                 )
         lines.append("")
-    lines += [f"Raw records: `{os.path.relpath(args.results, ROOT)}`.", "", END]
+    lines += [f"Raw records: `{os.path.relpath(args.results, ROOT)}`.", "", end]
     return "\n".join(lines)
 
 
-def write_report(path: Path, section: str) -> None:
+def write_report(path: Path, section: str, name: str = "") -> None:
+    START, END = markers(name)
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     if START in text and END in text:
         text = text[: text.index(START)] + section + text[text.index(END) + len(END) :]
@@ -302,6 +347,7 @@ def main(argv=None) -> int:
                 sampling_budget=args.sampling_budget,
                 num_presamples=min(run["num_presamples"], args.sampling_budget),
                 reward=args.reward,
+                learning_rate=run["learning_rate"],
             ),
             reasoner_dir=reasoner,
             prm_dir=prm,
@@ -324,15 +370,17 @@ def main(argv=None) -> int:
     summary = summarise(records, runs, levels)
     report_path = Path(args.report)
     plots = {}
-    for objective in args.objectives:
+    for objective, _, _ in tracks(args):
         curves = {
             m: summary[(objective, m, 3)]["curve"] for m in MAIN_METHODS if (objective, m, 3) in summary
         }
         image = (
-            report_path.parent / "images" / f"bench_methods_{objective}{'_quick' if args.quick else ''}.png"
+            report_path.parent
+            / "images"
+            / f"bench_methods_{args.section + '_' if args.section else ''}{objective}{'_quick' if args.quick else ''}.png"
         )
         image.parent.mkdir(parents=True, exist_ok=True)
-        if plot_methods(curves, image, title=f"{objective.upper()}: held-out accuracy, mean and seed range"):
+        if plot_methods(curves, image, title=f"{objective}: held-out accuracy, mean and seed range"):
             plots[objective] = os.path.relpath(image, report_path.parent)
     meta = {
         "command": "hsstar bench " + " ".join(sys.argv[1:]) if sys.argv[1:] else "hsstar bench",
@@ -341,11 +389,13 @@ def main(argv=None) -> int:
         "torch_threads": torch.get_num_threads(),
         "load_average": ", ".join(f"{x:.2f}" if isinstance(x, float) else str(x) for x in load),
         "total_minutes": (time.monotonic() - start) / 60,
+        "num_runs": len(runs),
+        "run_minutes": sum(records[key(r)]["wall_seconds"] for r in runs if key(r) in records) / 60,
         "reasoner": f"{preset} ({Path(reasoner).name})",
         "reward": "the learned PRM (Math-Shepherd layout)" if prm else "the exact step checker (oracle)",
         "initial": initial,
     }
-    write_report(report_path, report(args, records, runs, summary, meta, levels, plots))
+    write_report(report_path, report(args, records, runs, summary, meta, levels, plots), args.section)
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps({"meta": meta, "args": vars(args), "records": records}, indent=1))

@@ -198,8 +198,10 @@ def test_demo_prints_the_table_and_writes_plots(reasoner_dir, tmp_path, capsys, 
     assert len(result["iterations"]) == 2
     assert (out / "summary.md").exists() and (out / "levels.png").stat().st_size > 0
     assert (out / "accuracy.png").stat().st_size > 0
-    with pytest.raises(SystemExit, match="already holds a run"):  # a finished run is never overwritten
-        main(argv)
+    from trl_hsstar.demo import fresh_output_dir
+
+    assert fresh_output_dir(out) == tmp_path / "demo-2"  # a rerun never overwrites a finished run
+    assert fresh_output_dir(tmp_path / "new") == tmp_path / "new"
 
 
 def test_bench_quick_writes_the_report_and_records(reasoner_dir, tmp_path, monkeypatch):

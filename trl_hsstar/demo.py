@@ -18,7 +18,7 @@ import os
 import time
 from pathlib import Path
 
-__all__ = ["add_arguments", "run_demo"]
+__all__ = ["add_arguments", "fresh_output_dir", "run_demo"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +39,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def fresh_output_dir(path: Path) -> Path:
+    """``path``, or ``path-2``, ``path-3``... when it already holds a run (an earlier run is never overwritten)."""
+    candidate, n = path, 1
+    while (candidate / "hsstar_run.json").exists() or (candidate / "results.json").exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    if candidate != path:
+        print(f"{path} holds an earlier run: this one goes to {candidate}")
+    return candidate
+
+
 def run_demo(args: argparse.Namespace) -> dict:
     import torch
 
@@ -57,12 +68,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         num_presamples=args.num_presamples,
         reward=args.reward,
     )
-    output_dir = Path(args.output_dir)
-    if (output_dir / "hsstar_run.json").exists():
-        raise SystemExit(
-            f"--output-dir {output_dir} already holds a run; pass a new --output-dir (a rerun of the same settings "
-            "would only resume it)."
-        )
+    output_dir = fresh_output_dir(Path(args.output_dir))
     output_dir.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     print(f"torch threads: {torch.get_num_threads()}")
@@ -70,6 +76,9 @@ def run_demo(args: argparse.Namespace) -> dict:
     print("\n[1/3] M_0: the tiny reasoner (built once, then cached)")
     reasoner = toy_reasoner_path(args.cache_dir, preset=args.reasoner, progress=True)
     print(f"      {reasoner}")
+    if (reasoner / "levels.json").exists():
+        table = json.loads((reasoner / "levels.json").read_text())
+        print("      greedy accuracy per level: " + ", ".join(f"{k} {v:.2f}" for k, v in table.items()))
     prm = None
     if args.reward == "prm":
         print(

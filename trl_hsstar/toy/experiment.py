@@ -161,7 +161,7 @@ def run_world(
         problems_per_iteration=run.problems_per_iteration,
         sampling_budget=run.sampling_budget,
         num_presamples=run.num_presamples,
-        reward_thresholds=list(run.reward_thresholds) if run.reward == "prm" else [0.5, 0.5],
+        reward_thresholds=list(run.reward_thresholds),
         max_completion_length=longest + 16,
         generation_batch_size=128,
         max_rows_per_problem=run.max_rows_per_problem,
