@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -38,11 +39,15 @@ def markers(section: str) -> tuple[str, str]:
 
 MAIN_METHODS = ("uniform", "hsstar", "prop2diff", "band")
 DPO_LR = 1.5e-4  # WorldRun's DPO default
+SFT_LR = 3e-4  # WorldRun's SFT default
 
 
 def tracks(args) -> list[tuple[str, str, float | None]]:
-    """(name, objective, learning rate) of every main-study track: "sft", "dpo" and "dpo-lr<x>" for extra rates."""
-    out = [("sft", "sft", None)] if "sft" in args.objectives else []
+    """(name, objective, learning rate) of every main-study track: "sft", "dpo", and "sft-lr<x>" / "dpo-lr<x>" for
+    other rates."""
+    out = []
+    if "sft" in args.objectives:
+        out += [("sft" if lr == SFT_LR else f"sft-lr{lr:g}", "sft", lr) for lr in args.sft_learning_rates]
     if "dpo" in args.objectives:
         out += [("dpo" if lr == DPO_LR else f"dpo-lr{lr:g}", "dpo", lr) for lr in args.dpo_learning_rates]
     return out
@@ -65,6 +70,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-per-level", type=int, default=150)
     p.add_argument("--presample-sweep", type=int, nargs="+", default=[0, 1, 3, 5, 8])
     p.add_argument("--objectives", nargs="+", default=["sft", "dpo"], choices=["sft", "dpo"])
+    p.add_argument(
+        "--sft-learning-rates",
+        type=float,
+        nargs="+",
+        default=[SFT_LR],
+        help="SFT learning rates of the main study",
+    )
     p.add_argument(
         "--dpo-learning-rates",
         type=float,
@@ -194,7 +206,7 @@ def report(args, records, runs, summary, meta, levels, plots) -> str:
         f"Setup: M_0 `{meta['reasoner']}` (greedy held-out accuracy {meta['initial']['all']:.3f}); reward "
         f"{meta['reward']}; {args.num_iterations} iterations x {args.problems_per_iteration} fresh problems, budget "
         f"B={args.sampling_budget} per problem ({args.problems_per_iteration * args.sampling_budget} samples per "
-        f"iteration for every method); held-out: {args.eval_per_level} problems per level, greedy; SFT lr 3e-4, cosine, one epoch per "
+        f"iteration for every method); held-out: {args.eval_per_level} problems per level, greedy; the learning rate in each table's heading, cosine, one epoch per "
         "iteration, at most 4 rows (pairs) per problem. Figures are "
         "mean ± sd over seeds; `gain` is final minus M_0.",
         "",
@@ -383,7 +395,7 @@ def main(argv=None) -> int:
         if plot_methods(curves, image, title=f"{objective}: held-out accuracy, mean and seed range"):
             plots[objective] = os.path.relpath(image, report_path.parent)
     meta = {
-        "command": "hsstar bench " + " ".join(sys.argv[1:]) if sys.argv[1:] else "hsstar bench",
+        "command": shlex.join(["hsstar", "bench", *sys.argv[1:]]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
