@@ -59,8 +59,13 @@ def _bench(args: argparse.Namespace) -> int:
             f"`hsstar bench` runs benchmarks/bench_methods.py from a source checkout, and {script} does not exist: "
             "clone the repository and install it with `pip install -e .`."
         )
-    sys.argv = [str(script), *args.bench_args]
-    runpy.run_path(str(script), run_name="__main__")
+    argv, sys.argv = sys.argv, [str(script), *args.bench_args]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as exit:  # the script ends with sys.exit(main())
+        return exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+    finally:
+        sys.argv = argv
     return 0
 
 

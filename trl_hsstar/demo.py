@@ -31,11 +31,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--reward", choices=["prm", "oracle"], default="prm", help="the learned PRM or the exact step checker"
     )
     parser.add_argument("--objective", choices=["sft", "dpo"], default="sft")
-    parser.add_argument("--method", default="hsstar", help="hsstar, uniform, prop2diff or band")
+    parser.add_argument(
+        "--method",
+        default="hsstar",
+        choices=["hsstar", "uniform", "prop2diff", "band", "hsstar-easy", "hsstar-boundary", "hsstar-hard"],
+        help="the budget allocation (baselines at the same budget; hsstar-easy/hard: the utility study)",
+    )
     parser.add_argument("--eval-per-level", type=int, default=100, help="held-out problems per level")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--cache-dir", default=None, help="where M_0 and the PRM are cached (default: ~/.cache)"
+    )
+    parser.add_argument(
+        "--reasoner",
+        choices=["m0", "tiny"],
+        default="m0",
+        help="m0: the world's M_0 (about 2 minutes to build); tiny: a seconds-to-build reasoner for smoke tests",
     )
 
 
