@@ -22,7 +22,7 @@ _VLLM_FIELDS = {
     "use_vllm": False,
     "vllm_mode": "colocate",
     "vllm_server_base_url": None,
-    "vllm_server_host": "0.0.0.0",
+    "vllm_server_host": "127.0.0.1",  # loopback unless the user says otherwise
     "vllm_server_port": 8000,
     "vllm_server_timeout": 240.0,
     "vllm_gpu_memory_utilization": 0.3,
@@ -78,6 +78,10 @@ class HSStarArguments:
             Maximum number of tokens generated per sample.
         generation_batch_size (`int`, *optional*, defaults to `64`):
             Sequences generated per `generate` call (per process).
+        sampling_chunk_size (`int`, *optional*, defaults to `512`):
+            Samples generated (and scored) per chunk. Sampling and scoring are shared out across processes a chunk
+            at a time, and each finished chunk is saved, so a run killed mid-phase loses at most one chunk per
+            process. Larger chunks batch better on vLLM; smaller ones lose less work to a kill.
 
         > Parameters that control difficulty estimation and budget allocation
 
@@ -138,6 +142,10 @@ class HSStarArguments:
     generation_batch_size: int = field(
         default=64, metadata={"help": "Sequences per generate call (per process)."}
     )
+    sampling_chunk_size: int = field(
+        default=512,
+        metadata={"help": "Samples generated (and scored) per saved chunk: a kill loses at most one chunk."},
+    )
     # difficulty and allocation
     difficulty_estimator: str = field(
         default="hsstar", metadata={"help": f"Difficulty estimator, one of {ESTIMATORS}."}
@@ -176,7 +184,7 @@ class HSStarArguments:
     vllm_server_base_url: str | None = field(
         default=None, metadata={"help": "Reserved for the vLLM backend."}
     )
-    vllm_server_host: str = field(default="0.0.0.0", metadata={"help": "Reserved for the vLLM backend."})
+    vllm_server_host: str = field(default="127.0.0.1", metadata={"help": "Reserved for the vLLM backend."})
     vllm_server_port: int = field(default=8000, metadata={"help": "Reserved for the vLLM backend."})
     vllm_server_timeout: float = field(default=240.0, metadata={"help": "Reserved for the vLLM backend."})
     vllm_gpu_memory_utilization: float = field(
@@ -203,6 +211,7 @@ class HSStarArguments:
             "sampling_budget",
             "max_completion_length",
             "generation_batch_size",
+            "sampling_chunk_size",
             "reward_batch_size",
         ):
             positive_int(name)
@@ -254,14 +263,15 @@ class HSStarArguments:
                     "with transformers `generate`."
                 )
 
-    def _default_bf16_for_this_machine(self) -> None:
-        # TRL turns bf16 on by default, which fails on a machine without an accelerator: switch the default off.
-        if (
-            getattr(self, "bf16", None) is None
-            and not getattr(self, "fp16", False)
-            and not _accelerator_available()
-        ):
+    def _defaults_for_this_machine(self) -> None:
+        """On a machine without an accelerator: bf16 off (TRL turns it on by default, which fails on a CPU), and
+        ``use_cpu`` on, so that ``accelerate launch --multi_gpu --num_processes N`` runs N CPU processes (gloo)
+        rather than N independent single-process runs."""
+        if _accelerator_available():
+            return
+        if getattr(self, "bf16", None) is None and not getattr(self, "fp16", False):
             self.bf16 = False
+        self.use_cpu = True
 
 
 @dataclass
@@ -288,7 +298,7 @@ class HSStarConfig(SFTConfig, HSStarArguments):
 
     def __post_init__(self):
         self._validate_hsstar()
-        self._default_bf16_for_this_machine()
+        self._defaults_for_this_machine()
         super().__post_init__()
 
 
@@ -317,5 +327,5 @@ class HSStarDPOConfig(DPOConfig, HSStarArguments):
 
     def __post_init__(self):
         self._validate_hsstar()
-        self._default_bf16_for_this_machine()
+        self._defaults_for_this_machine()
         super().__post_init__()

@@ -12,17 +12,25 @@ function and its settings, and returns training rows plus the iteration's statis
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import math
+import shutil
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from . import artifacts as A
 from .budget import allocate, presamples_for
 from .difficulty import Difficulty, Level, count_levels, estimate_difficulty
-from .sampling import Sampler, SamplingParams
+from .distributed import Collective
+from .sampling import Sampler, SamplingParams, SamplingStats
 from .selection import ScoredSample, select_dpo_pairs, select_sft_rows
 
 logger = logging.getLogger(__name__)
@@ -78,6 +86,8 @@ class PipelineSettings:
     max_rows_per_problem: int | None = 4
     objective: str = "sft"  # "sft" | "dpo"
     seed: int = 0
+    chunk_size: int = 512
+    """Samples generated (or scored) per checkpointed chunk of a phase."""
     sampling: SamplingParams = field(default_factory=SamplingParams)
 
 
@@ -107,6 +117,8 @@ def _completion_for(problem: Problem, text: str) -> Any:
 def _verify_all(
     verifier: Callable[[str, str], bool], completions: list[str], references: list[str]
 ) -> list[bool]:
+    if not completions:
+        return []
     batch = getattr(verifier, "verify_batch", None)
     if batch is not None:
         return [bool(x) for x in batch(completions, references)]
@@ -114,22 +126,36 @@ def _verify_all(
 
 
 def _sample(
-    problems: Sequence[Problem],
-    counts: Sequence[int],
-    first_slot: Sequence[int],
+    units: Sequence[tuple[Problem, int]],
     *,
     phase: str,
     sampler: Sampler,
     params: SamplingParams,
     verifier: Callable[[str, str], bool],
+    always_call: bool = False,
 ) -> list[dict]:
-    """Generate ``counts[i]`` samples for problem i, numbered from slot ``first_slot[i]``, and verify them."""
-    wanted = [(p, c, s) for p, c, s in zip(problems, counts, first_slot) if c > 0]
-    if not wanted:
+    """Generate and verify one sample per ``(problem, slot)`` unit; units of a problem are consecutive slots.
+
+    With ``always_call`` the sampler is called even for no units (every process must call it together when
+    generation is collective, e.g. under DeepSpeed ZeRO-3).
+    """
+    requests: list[list] = []  # [problem, first slot, count], one per run of consecutive slots of a problem
+    for problem, slot in units:
+        last = requests[-1] if requests else None
+        if last is not None and last[0].id == problem.id and last[1] + last[2] == slot:
+            last[2] += 1
+        else:
+            requests.append([problem, slot, 1])
+    if not requests and not always_call:
         return []
-    outputs = sampler.generate([p.prompt_text for p, _, _ in wanted], [c for _, c, _ in wanted], params)
+    outputs = sampler.generate([p.prompt_text for p, _, _ in requests], [c for _, _, c in requests], params)
+    if len(outputs) != len(requests):
+        raise RuntimeError(
+            f"sampler {getattr(sampler, 'name', type(sampler).__name__)!r} returned {len(outputs)} lists of "
+            f"completions for {len(requests)} prompts"
+        )
     rows = []
-    for (problem, count, start), completions in zip(wanted, outputs):
+    for (problem, start, count), completions in zip(requests, outputs):
         if len(completions) != count:
             raise RuntimeError(
                 f"sampler {getattr(sampler, 'name', type(sampler).__name__)!r} returned {len(completions)} "
@@ -139,7 +165,7 @@ def _sample(
             slot = start + j
             rows.append(
                 {
-                    "sample_id": f"{problem.id}/{slot}",
+                    "sample_id": sample_id(problem.id, slot),
                     "problem_id": problem.id,
                     "slot": slot,
                     "phase": phase,
@@ -148,7 +174,7 @@ def _sample(
                     "finish_reason": c.finish_reason,
                 }
             )
-    by_id = {p.id: p for p in problems}
+    by_id = {p.id: p for p, _, _ in requests}
     verdicts = _verify_all(
         verifier, [r["completion"] for r in rows], [by_id[r["problem_id"]].answer for r in rows]
     )
@@ -175,15 +201,151 @@ def _score(samples: list[dict], problems: dict[str, Problem], score_fn: ScoreFn 
     ]
 
 
-def _phase(
-    store: A.IterationArtifacts, name: str, compute: Callable[[], list[dict]]
-) -> tuple[list[dict], bool]:
-    """Read a phase's file if it is complete, else compute and write it. Returns (rows, was_computed)."""
-    if store.has(name):
-        return store.read_jsonl(name), False
-    rows = compute()
-    store.write_jsonl(name, rows)
-    return rows, True
+def sample_id(problem_id: str, slot: int) -> str:
+    """The id of sample ``slot`` of a problem: unique within an iteration."""
+    return f"{problem_id}/{slot}"
+
+
+class _Run:
+    """One call of :func:`run_iteration`: its store, process group, timings and chunk accounting."""
+
+    def __init__(self, store: A.IterationArtifacts, coll: Collective, chunk_size: int, progress: bool):
+        self.store, self.coll, self.chunk_size, self.progress = store, coll, chunk_size, progress
+        self.computed: list[str] = []
+        self.timings: dict[str, float] = {}
+        self.units: dict[str, dict[str, int]] = {}
+
+    def main_phase(
+        self, name: str, compute: Callable[[], list[dict]], share: bool = True
+    ) -> list[dict] | None:
+        """A phase computed by the main process alone: read its file if complete, else compute and write it.
+        With ``share``, every process gets the rows (broadcast); otherwise the other processes get ``None``."""
+        start = time.monotonic()
+        rows = None
+        if self.coll.is_main:
+            if self.store.has(name):
+                rows = self.store.read_jsonl(name)
+            else:
+                rows = compute()
+                self.store.write_jsonl(name, rows)
+                self.computed.append(name)
+                self.timings[name] = time.monotonic() - start
+        return self.coll.broadcast(rows) if share else rows
+
+    def chunked_phase(
+        self,
+        name: str,
+        units: list,
+        key: Callable[[Any], str],
+        compute: Callable[[list, int | None], list[dict]],
+        *,
+        desc: str,
+    ) -> list[dict] | None:
+        """A phase over ``units`` (one output row per unit, with ``sample_id == key(unit)``), shared by all processes
+        and checkpointed in chunks.
+
+        The main process lists the chunks still to do (``<phase>.chunks/chunk-<first unit>.jsonl`` files already
+        written are complete: each is renamed into place whole) and broadcasts the plan; in each round every
+        process computes one chunk (or calls ``compute([], None)`` if none is left for it), the main process
+        gathers the rows and writes each chunk's file. Once every chunk is written, the main process merges them,
+        checks that each unit has exactly one row, writes the phase file and removes the chunks. Returns the rows in
+        unit order on the main process, ``None`` on the others.
+        """
+        store, coll = self.store, self.coll
+        chunk_dir = store.path(f".{name}.chunks")
+        plan = None
+        if coll.is_main:
+            if store.has(name):
+                plan = {"done": True}
+            else:
+                done = _read_chunks(chunk_dir)
+                keys = [key(u) for u in units]
+                position = {k: i for i, k in enumerate(keys)}
+                unknown = [k for k in done if k not in position]
+                if unknown:
+                    raise RuntimeError(
+                        f"{chunk_dir} holds rows for {len(unknown)} unit(s) this phase does not have (e.g. "
+                        f"{unknown[0]!r}): the run's settings changed since they were written. Remove that directory "
+                        "to redo the phase."
+                    )
+                pending = [i for i, k in enumerate(keys) if k not in done]
+                chunks = [pending[j : j + self.chunk_size] for j in range(0, len(pending), self.chunk_size)]
+                plan = {"done": False, "chunks": chunks, "reused": len(done)}
+        plan = coll.broadcast(plan)
+        if plan["done"]:
+            if chunk_dir.exists() and coll.is_main:
+                shutil.rmtree(chunk_dir, ignore_errors=True)  # a kill after the merge and before the clean-up
+            return store.read_jsonl(name) if coll.is_main else None
+
+        start = time.monotonic()
+        chunks, p = plan["chunks"], coll.num_processes
+        total = sum(len(c) for c in chunks)
+        bar = tqdm(
+            total=len(units),
+            initial=len(units) - total,
+            desc=desc,
+            unit="sample",
+            disable=not (self.progress and coll.is_main),
+            leave=False,
+        )
+        with bar:
+            for r in range(math.ceil(len(chunks) / p)):
+                mine = (
+                    chunks[r * p + coll.process_index] if r * p + coll.process_index < len(chunks) else None
+                )
+                rows = compute([units[i] for i in mine], mine[0]) if mine else compute([], None)
+                gathered = coll.gather([(mine, rows)] if mine else [])
+                if coll.is_main:
+                    for indices, chunk_rows in gathered:
+                        wanted = [key(units[i]) for i in indices]
+                        got = [row["sample_id"] for row in chunk_rows]
+                        if sorted(got) != sorted(wanted):
+                            raise RuntimeError(
+                                f"phase {name!r}: a chunk returned rows for {len(got)} unit(s) instead of its "
+                                f"{len(wanted)} (first wanted {wanted[0]!r})"
+                            )
+                        A.atomic_write_text(
+                            chunk_dir / f"chunk-{indices[0]:08d}.jsonl",
+                            "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in chunk_rows),
+                        )
+                        bar.update(len(indices))
+        rows = None
+        if coll.is_main:
+            done = _read_chunks(chunk_dir)
+            missing = [key(u) for u in units if key(u) not in done]
+            if missing or len(done) != len(units):
+                raise RuntimeError(
+                    f"phase {name!r}: {len(missing)} unit(s) have no row after every chunk ran (e.g. "
+                    f"{missing[:1]}); rerun to compute them."
+                )
+            rows = [done[key(u)] for u in units]
+            store.write_jsonl(name, rows)
+            shutil.rmtree(chunk_dir, ignore_errors=True)
+            self.computed.append(name)
+            self.timings[name] = time.monotonic() - start
+            self.units[name] = {"computed": total, "reused": plan["reused"]}
+        coll.barrier()
+        return rows
+
+
+def _read_chunks(chunk_dir) -> dict[str, dict]:
+    """Rows of the complete chunk files in ``chunk_dir``, by sample id (a unit in two chunks is an error)."""
+    rows: dict[str, dict] = {}
+    if not chunk_dir.is_dir():
+        return rows
+    for path in sorted(chunk_dir.glob("chunk-*.jsonl")):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                if row["sample_id"] in rows:
+                    raise RuntimeError(
+                        f"{path} repeats sample {row['sample_id']!r} of another chunk: remove {chunk_dir} to redo "
+                        "the phase."
+                    )
+                rows[row["sample_id"]] = row
+    return rows
 
 
 def run_iteration(
@@ -195,45 +357,72 @@ def run_iteration(
     score_fn: ScoreFn | None,
     settings: PipelineSettings,
     events: PipelineEvents | None = None,
+    collective: Collective | None = None,
+    progress: bool = False,
 ) -> IterationResult:
-    """Generate one iteration's training data, resuming from whatever phases ``store`` already holds."""
-    events = events or PipelineEvents()
-    t0 = time.monotonic()
-    timings: dict[str, float] = {}
-    computed: list[str] = []
+    """Generate one iteration's training data, resuming from whatever phases ``store`` already holds.
 
-    def timed(name: str, compute: Callable[[], list[dict]]) -> list[dict]:
-        start = time.monotonic()
-        rows, was_computed = _phase(store, name, compute)
-        if was_computed:
-            computed.append(name)
-            timings[name] = time.monotonic() - start
-        return rows
+    Every process of ``collective`` calls it with the same problems and settings. Sampling and scoring are
+    shared out in chunks of ``settings.chunk_size`` samples; the problems, levels, allocation and statistics
+    are decided by the main process and broadcast; only the main process writes files. ``result.rows`` (the
+    training rows) is filled on the main process only; every process gets the same ``stats``, ``difficulties``
+    and ``resamples``.
+    """
+    events = events or PipelineEvents()
+    coll = collective or Collective()
+    run = _Run(store, coll, settings.chunk_size, progress)
+    t0 = time.monotonic()
 
     # problems: the problem list is fixed once written, so a resume uses exactly the same problems
-    problem_rows = timed(A.PROBLEMS, lambda: [p.to_row() for p in problems])
+    problem_rows = run.main_phase(A.PROBLEMS, lambda: [p.to_row() for p in problems])
     problems = [Problem.from_row(r) for r in problem_rows]
     by_id = {p.id: p for p in problems}
     n = len(problems)
+    distributed = coll.num_processes > 1
+    gen_before = sampler.stats
+
+    def seeded(params: SamplingParams, phase: str, first: int | None) -> SamplingParams:
+        # One seed per chunk, from the phase and the chunk's first unit: a resumed or re-sharded run draws what an
+        # uninterrupted one draws, and no two chunks share a random stream.
+        if params.seed is None or first is None:
+            return params
+        return dataclasses.replace(params, seed=zlib.crc32(f"{params.seed}:{phase}:{first}".encode()))
+
+    def sample_phase(name: str, units: list[tuple[Problem, int]], phase: str, desc: str) -> list[dict] | None:
+        def compute(chunk: list, first: int | None) -> list[dict]:
+            return _sample(
+                chunk,
+                phase=phase,
+                sampler=sampler,
+                params=seeded(settings.sampling, phase, first),
+                verifier=verifier,
+                always_call=distributed,
+            )
+
+        return run.chunked_phase(name, units, lambda u: sample_id(u[0].id, u[1]), compute, desc=desc)
+
+    def score_phase(name: str, samples: list[dict] | None, samples_name: str, desc: str) -> list[dict] | None:
+        if (
+            samples is None
+        ):  # the other processes read the samples file, complete since the sampling phase ended
+            samples = [] if store.has(name) else store.read_jsonl(samples_name)
+        return run.chunked_phase(
+            name,
+            samples,
+            lambda s: s["sample_id"],
+            lambda chunk, _: _score(chunk, by_id, score_fn),
+            desc=desc,
+        )
 
     # 1. pre-sampling
     n_p = presamples_for(settings.allocation, settings.budget, settings.num_presamples)
-    gen_stats_before = sampler.stats
-    presamples = timed(
-        A.PRESAMPLES,
-        lambda: _sample(
-            problems,
-            [n_p] * n,
-            [0] * n,
-            phase="pre",
-            sampler=sampler,
-            params=settings.sampling,
-            verifier=verifier,
-        ),
+    pre_units = [(p, slot) for p in problems for slot in range(n_p)]
+    presamples = sample_phase(A.PRESAMPLES, pre_units, "pre", f"pre-sampling (iteration {store.iteration})")
+    pre_scores = score_phase(
+        A.PRESAMPLE_SCORES, presamples, A.PRESAMPLES, f"scoring pre-samples (iteration {store.iteration})"
     )
-    pre_scores = timed(A.PRESAMPLE_SCORES, lambda: _score(presamples, by_id, score_fn))
 
-    # 2. difficulty estimation and 3. allocation
+    # 2. difficulty estimation and 3. allocation, on the main process, broadcast
     def estimate() -> list[dict]:
         score_of = {s["sample_id"]: s["score"] for s in pre_scores}
         per_problem: dict[str, list[dict]] = {p.id: [] for p in problems}
@@ -268,28 +457,20 @@ def run_iteration(
             for p, d, r in zip(problems, difficulties, plan.resamples)
         ]
 
-    level_rows = timed(A.LEVELS, estimate)
+    level_rows = run.main_phase(A.LEVELS, estimate)
     difficulties = {r["problem_id"]: Difficulty.from_dict(r) for r in level_rows}
     resamples = {r["problem_id"]: int(r["resamples"]) for r in level_rows}
     events.levels_estimated(difficulties, resamples)
 
     # 4. re-sampling
-    more = timed(
-        A.RESAMPLES,
-        lambda: _sample(
-            problems,
-            [resamples[p.id] for p in problems],
-            [n_p] * n,
-            phase="re",
-            sampler=sampler,
-            params=settings.sampling,
-            verifier=verifier,
-        ),
+    re_units = [(p, n_p + j) for p in problems for j in range(resamples[p.id])]
+    more = sample_phase(A.RESAMPLES, re_units, "re", f"re-sampling (iteration {store.iteration})")
+    re_scores = score_phase(
+        A.RESAMPLE_SCORES, more, A.RESAMPLES, f"scoring re-samples (iteration {store.iteration})"
     )
-    re_scores = timed(A.RESAMPLE_SCORES, lambda: _score(more, by_id, score_fn))
-    gen_stats_after = sampler.stats
+    gen_stats = coll.gather([_delta(gen_before, sampler.stats)])
 
-    # 5. selection
+    # 5. selection and statistics, on the main process
     def select() -> list[dict]:
         score_of = {s["sample_id"]: s["score"] for s in pre_scores + re_scores}
         pooled = [
@@ -321,24 +502,37 @@ def run_iteration(
             )
         return events.rows_selected(rows)
 
-    rows = timed(A.TRAIN_ROWS, select)
+    rows = run.main_phase(A.TRAIN_ROWS, select, share=False)
 
-    stats = _stats(
-        problems=problems,
-        samples=presamples + more,
-        scores=pre_scores + re_scores,
-        difficulties=difficulties,
-        resamples=resamples,
-        rows=rows,
-        settings=settings,
-        n_p=n_p,
-        fell_back=bool(level_rows and level_rows[0]["fell_back"]),
-        generation=(gen_stats_before, gen_stats_after),
+    stats = None
+    if coll.is_main:
+        stats = _stats(
+            problems=problems,
+            samples=presamples + more,
+            scores=pre_scores + re_scores,
+            difficulties=difficulties,
+            resamples=resamples,
+            rows=rows,
+            settings=settings,
+            n_p=n_p,
+            fell_back=bool(level_rows and level_rows[0]["fell_back"]),
+            generation=gen_stats,
+        )
+        stats["num_processes"] = coll.num_processes
+        stats["phases_computed"] = run.computed
+        stats["phase_seconds"] = {k: round(v, 3) for k, v in run.timings.items()}
+        stats["units"] = run.units
+        stats["data_seconds"] = round(time.monotonic() - t0, 3)
+    stats = coll.broadcast(stats)
+    return IterationResult(rows=rows or [], stats=stats, difficulties=difficulties, resamples=resamples)
+
+
+def _delta(before: SamplingStats, after: SamplingStats) -> tuple[int, int, float]:
+    return (
+        after.num_generated - before.num_generated,
+        after.num_completion_tokens - before.num_completion_tokens,
+        after.generation_seconds - before.generation_seconds,
     )
-    stats["phases_computed"] = computed
-    stats["phase_seconds"] = {k: round(v, 3) for k, v in timings.items()}
-    stats["data_seconds"] = round(time.monotonic() - t0, 3)
-    return IterationResult(rows=rows, stats=stats, difficulties=difficulties, resamples=resamples)
 
 
 def _mean(values: list[float]) -> float | None:
@@ -361,8 +555,9 @@ def _stats(
     else:
         kept_scores = [r["score"] for r in rows if r.get("score") is not None]
     all_scores = [v for v in score_of.values() if v is not None]
-    before, after = generation
-    gen_seconds = after.generation_seconds - before.generation_seconds
+    generated = sum(g[0] for g in generation)
+    gen_tokens = sum(g[1] for g in generation)
+    gen_seconds = max((g[2] for g in generation), default=0.0)  # the processes generate side by side
     return {
         "num_problems": n,
         "levels": count_levels(difficulties.values()),
@@ -382,8 +577,7 @@ def _stats(
         "mean_score_all": _mean(all_scores),
         "finish_reasons": dict(Counter(s["finish_reason"] for s in samples)),
         "completion_tokens": sum(int(s["num_tokens"]) for s in samples),
-        "generated_this_run": after.num_generated - before.num_generated,
-        "tokens_per_second": (after.num_completion_tokens - before.num_completion_tokens) / gen_seconds
-        if gen_seconds > 0
-        else None,
+        "generated_this_run": generated,
+        "generated_per_process": [g[0] for g in generation],
+        "tokens_per_second": gen_tokens / gen_seconds if gen_seconds > 0 else None,
     }

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -34,6 +35,7 @@ from ._compat import keep_bnb_4bit_weights_trainable_on_cpu
 from .callbacks import HSSTAR_EVENTS
 from .config import HSStarConfig, HSStarDPOConfig
 from .difficulty import lookup_thresholds, validate_thresholds
+from .distributed import AccelerateCollective
 from .pipeline import PipelineEvents, PipelineSettings, Problem, run_iteration
 from .rewards import as_reward_source, check_rewards, combine_rewards
 from .sampling import Sampler, SamplingParams, TransformersSampler
@@ -137,7 +139,14 @@ def _resolve_args(model, args, config_cls, suffix: str, train_dataset):
 
 def _load_reward_model(name: str, args, device):
     """Load a reward model from the Hub or a directory (a PRM, Qwen2.5-Math-PRM style or Math-Shepherd layout, or
-    an ORM) with the Auto class its config names; :func:`~trl_hsstar.rewards.as_reward_source` wraps it."""
+    an ORM) with the Auto class its config names; :func:`~trl_hsstar.rewards.as_reward_source` wraps it.
+
+    Safe by default, like the policy in the recipes: ``trust_remote_code`` is the user's
+    (``args.model_init_kwargs["trust_remote_code"]``, else ``args.trust_remote_code``, else ``False``), and only
+    safetensors weights are loaded (``use_safetensors=True``) unless ``args.model_init_kwargs`` sets
+    ``use_safetensors``: a checkpoint holding only pickle-based ``pytorch_model.bin`` files is refused with an
+    ``OSError`` that says how to opt in.
+    """
     from transformers import (
         AutoConfig,
         AutoModel,
@@ -146,17 +155,32 @@ def _load_reward_model(name: str, args, device):
         AutoTokenizer,
     )
 
-    kwargs = {"trust_remote_code": args.trust_remote_code}
-    archs = " ".join(AutoConfig.from_pretrained(name, **kwargs).architectures or [])
+    user = getattr(args, "model_init_kwargs", None)
+    user = user if isinstance(user, dict) else {}
+    trust_remote_code = bool(user.get("trust_remote_code", getattr(args, "trust_remote_code", False)))
+    trust = {"trust_remote_code": trust_remote_code}
+    use_safetensors = user.get("use_safetensors", True)
+    archs = " ".join(AutoConfig.from_pretrained(name, **trust).architectures or [])
     if "ProcessRewardModel" in archs:  # custom code, loaded through AutoModel
         auto = AutoModel
     elif "TokenClassification" in archs:
         auto = AutoModelForTokenClassification
     else:
         auto = AutoModelForSequenceClassification
+    try:
+        model = auto.from_pretrained(name, use_safetensors=use_safetensors, **trust)
+    except OSError as e:
+        if use_safetensors and "safetensors" in str(e):
+            raise OSError(
+                f"reward model {name!r} has no safetensors weights (model.safetensors). trl-hsstar loads only "
+                "safetensors by default, because pickle-based checkpoints (pytorch_model.bin) can run code when "
+                "loaded. Convert it to safetensors, or, if you trust its source, set "
+                "`model_init_kwargs={'use_safetensors': False}`."
+            ) from e
+        raise
     return as_reward_source(
-        auto.from_pretrained(name, **kwargs).to(device),
-        tokenizer=AutoTokenizer.from_pretrained(name, **kwargs),
+        model.to(device),
+        tokenizer=AutoTokenizer.from_pretrained(name, **trust),
         aggregation=args.reward_aggregation,
         batch_size=args.reward_batch_size,
     )
@@ -197,10 +221,13 @@ class _HSStarLoop:
         sampler: Sampler | None,
     ) -> None:
         # Everything here is cheap and runs before the parent trainer loads anything.
-        if args.world_size > 1:
-            raise NotImplementedError(
-                f"This version of trl-hsstar runs the HS-STaR loop in one process (got {args.world_size}): sharding "
-                "sampling and scoring across processes is not built yet. Launch with `--num_processes 1`."
+        launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if launched > 1 and args.world_size != launched:
+            raise ValueError(
+                f"{launched} processes were launched (WORLD_SIZE), but the training arguments see {args.world_size}: "
+                "each process would run the whole loop alone and overwrite the others' files. On a machine without "
+                "a GPU set `use_cpu=True` (the HS-STaR configs do so by default) and launch with `accelerate launch "
+                "--multi_gpu --num_processes N`."
             )
         self._problem_rows = _problem_rows(problems, args)
         self._iteration_rows = _split_iterations(self._problem_rows, args)
@@ -308,6 +335,7 @@ class _HSStarLoop:
             max_rows_per_problem=args.max_rows_per_problem,
             objective=self._hsstar_objective,
             seed=args.seed + iteration,
+            chunk_size=args.sampling_chunk_size,
             sampling=SamplingParams(
                 temperature=args.temperature,
                 top_p=args.top_p,
@@ -379,6 +407,11 @@ class _HSStarLoop:
     def _train_pass(self, store: A.IterationArtifacts, iteration: int, **train_kwargs) -> TrainOutput:
         raise NotImplementedError
 
+    @staticmethod
+    def _load_rows(store: A.IterationArtifacts) -> Dataset:
+        """The iteration's training rows (written by the main process; read by every process)."""
+        return Dataset.from_json(str(store.path(A.TRAIN_ROWS)), cache_dir=str(store.dir / ".cache"))
+
     def _restore(self, model_dir) -> None:
         logger.info("Resuming: loading the model of the last completed iteration from %s", model_dir)
         self._load_from_checkpoint(str(model_dir))
@@ -437,14 +470,16 @@ class _HSStarLoop:
                     score_fn=score_fn,
                     settings=self._settings(t),
                     events=_Events(self, t),
+                    collective=AccelerateCollective(self.accelerator),
+                    progress=not args.disable_tqdm,
                 )
                 stats = {"iteration": t, **result.stats}
-                if result.rows and not self._hsstar_control.should_training_stop:
+                if stats["rows"] and not self._hsstar_control.should_training_stop:
                     output = self._train_pass(store, t, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
                     stats["train_loss"] = output.training_loss
                     stats["train_steps"] = output.global_step
                     stats["train_runtime"] = output.metrics.get("train_runtime")
-                elif not result.rows:
+                elif not stats["rows"]:
                     logger.warning(
                         "Iteration %d selected no training rows: the model is carried over unchanged.", t
                     )
@@ -542,11 +577,13 @@ class HSStarTrainer(_HSStarLoop, SFTTrainer):
         super().__init__(model=model, args=args, train_dataset=placeholder, **kwargs)
 
     def _train_pass(self, store: A.IterationArtifacts, iteration: int, **train_kwargs) -> TrainOutput:
-        dataset = Dataset.from_json(str(store.path(A.TRAIN_ROWS)), cache_dir=str(store.dir / ".cache"))
-        dataset = dataset.select_columns(["prompt", "completion"])
-        self.train_dataset = self._prepare_dataset(
-            dataset, self.processing_class, self.args, self.args.packing, None, f"iteration-{iteration}"
-        )
+        with (
+            self.accelerator.main_process_first()
+        ):  # one process fills the datasets cache, the others read it
+            dataset = self._load_rows(store).select_columns(["prompt", "completion"])
+            self.train_dataset = self._prepare_dataset(
+                dataset, self.processing_class, self.args, self.args.packing, None, f"iteration-{iteration}"
+            )
         self._reset_optimizer()
         return SFTTrainer.train(self, **train_kwargs)
 
@@ -617,9 +654,13 @@ class HSStarDPOTrainer(_HSStarLoop, DPOTrainer):
                 param.requires_grad_(False)
 
     def _train_pass(self, store: A.IterationArtifacts, iteration: int, **train_kwargs) -> TrainOutput:
-        dataset = Dataset.from_json(str(store.path(A.TRAIN_ROWS)), cache_dir=str(store.dir / ".cache"))
-        dataset = dataset.select_columns(["prompt", "chosen", "rejected"])
-        dataset = self._prepare_dataset(dataset, self.processing_class, self.args, f"iteration-{iteration}")
+        with (
+            self.accelerator.main_process_first()
+        ):  # one process fills the datasets cache, the others read it
+            dataset = self._load_rows(store).select_columns(["prompt", "chosen", "rejected"])
+            dataset = self._prepare_dataset(
+                dataset, self.processing_class, self.args, f"iteration-{iteration}"
+            )
         if self.args.precompute_ref_log_probs:
             self._snapshot_reference()
             # The reference is the model as it is now, M_t; the hash keys the cache of this iteration's log-probs.
