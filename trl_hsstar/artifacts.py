@@ -14,7 +14,9 @@ Each iteration writes its phases to ``output_dir/iteration-<t>/``::
     DONE                    written last: the iteration is complete
 
 Every file is written to a temporary name and renamed into place, so a file that exists is complete and a
-killed run never leaves a half-written file that reads as done. A rerun with the same ``output_dir`` skips
+killed run never leaves a half-written file that reads as done. Sampling and scoring phases also save their
+progress in chunks, ``.<phase>.chunks/chunk-<first unit>.jsonl`` (each written the same way), merged into the
+phase's file when the phase ends; a rerun computes only the chunks that are missing. A rerun with the same ``output_dir`` skips
 each phase whose file exists. JSON Lines files load with ``datasets.load_dataset("json", data_files=...)``.
 """
 
@@ -117,6 +119,19 @@ class IterationArtifacts:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         return tmp
+
+    def remove_partial_files(self) -> list[Path]:
+        """Delete what a killed writer left half-written (``.<name>.tmp-<pid>`` files); return their paths.
+
+        Such files never count as complete (:meth:`has` looks at the final names only); this only tidies up. Call
+        it from the one process that writes, before it writes.
+        """
+        if not self.dir.is_dir():
+            return []
+        stale = [p for p in self.dir.glob(".*.tmp-*") if p.is_file()]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return stale
 
     def mark_done(self) -> None:
         atomic_write_text(self.path(DONE), "")

@@ -372,6 +372,9 @@ def run_iteration(
     coll = collective or Collective()
     run = _Run(store, coll, settings.chunk_size, progress)
     t0 = time.monotonic()
+    if coll.is_main:
+        for path in store.remove_partial_files():
+            logger.info("Removed %s, left half-written by a killed run", path)
 
     # problems: the problem list is fixed once written, so a resume uses exactly the same problems
     problem_rows = run.main_phase(A.PROBLEMS, lambda: [p.to_row() for p in problems])

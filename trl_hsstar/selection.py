@@ -102,7 +102,7 @@ def select_sft_rows(
         max_rows_per_problem: cap per problem after ranking and de-duplication (``None``: no cap).
 
     Returns:
-        Rows ``{"prompt", "completion", "problem_id", "score", "rank"}``, problems in order of first
+        Rows ``{"prompt", "completion", "problem_id", "sample_id", "score", "rank"}``, problems in order of first
         appearance, each problem's rows best first.
     """
     _check_cap(max_rows_per_problem, "max_rows_per_problem")
@@ -123,6 +123,7 @@ def select_sft_rows(
                     "prompt": s.prompt,
                     "completion": s.completion,
                     "problem_id": problem_id,
+                    "sample_id": s.sample_id,
                     "score": s.score,
                     "rank": kept,
                 }
@@ -151,8 +152,8 @@ def select_dpo_pairs(
         max_pairs_per_problem: optional extra cap on K (not in the release; ``None`` = release behaviour).
 
     Returns:
-        Rows ``{"prompt", "chosen", "rejected", "problem_id", "chosen_score", "rejected_score"}``,
-        shuffled.
+        Rows ``{"prompt", "chosen", "rejected", "problem_id", "chosen_id", "rejected_id", "chosen_score",
+        "rejected_score"}``, shuffled.
     """
     _check_cap(max_pairs_per_problem, "max_pairs_per_problem")
     wanted = _wanted(train_levels)
@@ -178,6 +179,8 @@ def select_dpo_pairs(
                     "chosen": c.completion,
                     "rejected": r.completion,
                     "problem_id": problem_id,
+                    "chosen_id": c.sample_id,
+                    "rejected_id": r.sample_id,
                     "chosen_score": c.score,
                     "rejected_score": r.score,
                 }
