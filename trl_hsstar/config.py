@@ -92,6 +92,10 @@ class HSStarArguments:
             model is one of the released ones; required otherwise when the estimator uses rewards.
         reward_aggregation (`str`, *optional*, defaults to `"min"`):
             How a process reward model's step rewards make S(r): `"min"`, `"prod"` or `"last"`.
+        reward_step_token (`str`, *optional*):
+            The token a process reward model reads each step's reward at: the separator it was trained with (TRL's
+            former `PRMConfig.step_separator`, e.g. `"\\n"`). Default: `"<step>"` when its tokenizer has it, and
+            `"<extra_0>"` for Qwen2.5-Math-PRM.
         allocation (`str`, *optional*, defaults to `"hsstar"`):
             Budget strategy: `"hsstar"`, or the equal-budget baselines `"uniform"` (STaR/RFT), `"prop2diff"`
             (DART-Math) and `"band"` (non-zero pass-rate variance).
@@ -156,6 +160,10 @@ class HSStarArguments:
     )
     reward_aggregation: str = field(
         default="min", metadata={"help": f"Step reward aggregation, one of {AGGREGATIONS}."}
+    )
+    reward_step_token: str | None = field(
+        default=None,
+        metadata={"help": "The token a PRM reads step rewards at (its training separator). Default: <step>."},
     )
     allocation: str = field(default="hsstar", metadata={"help": f"Budget strategy, one of {STRATEGIES}."})
     resample_levels: list[str] = field(

@@ -579,6 +579,8 @@ def _stats(
         "mean_score_kept": _mean(kept_scores),
         "mean_score_all": _mean(all_scores),
         "finish_reasons": dict(Counter(s["finish_reason"] for s in samples)),
+        "empty_completions": sum(1 for s in samples if not s["completion"].strip()),
+        "scores_missing": sum(1 for v in score_of.values() if v is None),
         "completion_tokens": sum(int(s["num_tokens"]) for s in samples),
         "generated_this_run": generated,
         "generated_per_process": [g[0] for g in generation],

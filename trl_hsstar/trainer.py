@@ -18,6 +18,7 @@ and the data flow in ``pipeline``.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -99,6 +100,71 @@ def _problem_rows(dataset: Dataset, args) -> list[dict]:
         columns = {k: v for k, v in row.items() if k not in ("prompt", args.answer_column)}
         rows.append({"id": pid, "prompt": prompt, "answer": str(answer).strip(), "columns": columns})
     return rows
+
+
+def _check_output_dir(output_dir: str) -> None:
+    """Fail now, not after the first phase, if ``output_dir`` cannot hold the run's files."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        probe = os.path.join(output_dir, f".hsstar-write-test-{os.getpid()}")
+        with open(probe, "w", encoding="utf-8") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as error:
+        raise ValueError(
+            f"`output_dir` ({output_dir}) cannot be written: {error.strerror or error}. Every phase of every "
+            "iteration is saved there: pass an `output_dir` on a writable disk."
+        ) from error
+
+
+def _drop_unverifiable(rows: list[dict], verifier, timeout: float) -> tuple[list[dict], list[dict]]:
+    """Problems whose reference answer the default verifier cannot read are left out, and counted.
+
+    The test: a completion that boxes the reference's own answer must verify against it. A reference that fails
+    it (e.g. ``"\\frac{1}{"`` or an empty box) would make every sample of its problem count as wrong, so the
+    problem would look hard and waste its budget. Custom verifiers are trusted as given (not tested).
+    """
+    from .verify import _reference_answer
+
+    own = verifier is None
+    if not (own or isinstance(verifier, MathVerifier)):
+        return rows, []
+    checker = MathVerifier(timeout=timeout) if own else verifier
+    try:
+        extracted = [_reference_answer(r["answer"]) for r in rows]
+        todo = [i for i, a in enumerate(extracted) if a is not None]
+        verdicts = checker.verify_batch(
+            [f"\\boxed{{{extracted[i]}}}" for i in todo], [rows[i]["answer"] for i in todo]
+        )
+    finally:
+        if own:
+            checker.close()
+    ok = {i for i, v in zip(todo, verdicts) if v}
+    kept = [r for i, r in enumerate(rows) if i in ok]
+    skipped = [
+        {
+            "id": r["id"],
+            "answer": r["answer"],
+            "reason": "the reference answer cannot be read by the verifier",
+        }
+        for i, r in enumerate(rows)
+        if i not in ok
+    ]
+    if not kept:
+        raise ValueError(
+            f"None of the {len(rows)} reference answers in `train_dataset` can be read by the verifier (e.g. "
+            f"{rows[0]['answer']!r} of problem {rows[0]['id']!r}): check `answer_column`, or pass a `verifier` "
+            "that understands your answers."
+        )
+    if skipped:
+        logger.warning(
+            "Left out %d of %d problems whose reference answer the verifier cannot read (e.g. %s); they are listed "
+            "in `output_dir/skipped_problems.jsonl`.",
+            len(skipped),
+            len(rows),
+            ", ".join(f"{s['id']!r}: {s['answer']!r}" for s in skipped[:3]),
+        )
+    return kept, skipped
 
 
 def _split_iterations(rows: list[dict], args) -> list[list[dict]]:
@@ -229,7 +295,10 @@ class _HSStarLoop:
                 "a GPU set `use_cpu=True` (the HS-STaR configs do so by default) and launch with `accelerate launch "
                 "--multi_gpu --num_processes N`."
             )
-        self._problem_rows = _problem_rows(problems, args)
+        _check_output_dir(args.output_dir)
+        self._problem_rows, self._skipped_problems = _drop_unverifiable(
+            _problem_rows(problems, args), verifier, args.verifier_timeout
+        )
         self._iteration_rows = _split_iterations(self._problem_rows, args)
         funcs = (
             []
@@ -278,18 +347,25 @@ class _HSStarLoop:
             return None
         device = self.accelerator.device
         sources = []
-        for func, processing_class in self._reward_specs:
-            if isinstance(func, str):
-                sources.append(_load_reward_model(func, self.args, device))
-            else:
-                sources.append(
-                    as_reward_source(
-                        func,
-                        tokenizer=processing_class,
-                        aggregation=self.args.reward_aggregation,
-                        batch_size=self.args.reward_batch_size,
+        for i, (func, processing_class) in enumerate(self._reward_specs):
+            try:
+                if isinstance(func, str):
+                    sources.append(_load_reward_model(func, self.args, device))
+                else:
+                    sources.append(
+                        as_reward_source(
+                            func,
+                            tokenizer=processing_class,
+                            aggregation=self.args.reward_aggregation,
+                            batch_size=self.args.reward_batch_size,
+                            step_token=self.args.reward_step_token,
+                        )
                     )
-                )
+            except ValueError as error:
+                raise ValueError(
+                    f"`reward_funcs[{i}]` ({_model_name(func) or type(func).__name__}) cannot be used: {error}. For a "
+                    "process reward model, set `reward_step_token` to the separator it was trained with."
+                ) from error
         combined = (
             sources[0]
             if len(sources) == 1 and self._reward_weights is None
@@ -299,10 +375,40 @@ class _HSStarLoop:
 
         def score_fn(prompts, completions, **columns):
             values = combined(prompts, completions, **columns)
-            check_rewards(values, len(completions), name)
-            return values
+            if isinstance(values, (list, tuple)):
+                # NaN (e.g. an overflow on a strange completion) counts as "cannot score", like None: one bad
+                # completion must not stop a run hours in. Counted in the iteration's `scores_missing`.
+                nan = [i for i, v in enumerate(values) if isinstance(v, float) and math.isnan(v)]
+                if nan:
+                    logger.warning(
+                        "reward source %r returned NaN for %d of %d completions: they count as unscored (None).",
+                        name,
+                        len(nan),
+                        len(values),
+                    )
+                    values = [None if i in set(nan) else v for i, v in enumerate(values)]
+            return check_rewards(values, len(completions), name)
 
         return score_fn
+
+    def _probe_rewards(self, score_fn, row: dict) -> None:
+        """Call the reward source once on two tiny completions of a real problem, so that a reward function with
+        the wrong output (length, type) fails here, before any sampling, and not hours into a run."""
+        texts = [f"The answer is \\boxed{{{row['answer']}}}.", ""]
+        completions = (
+            texts
+            if isinstance(row["prompt"], str)
+            else [[{"role": "assistant", "content": t}] for t in texts]
+        )
+        columns = {k: [v] * 2 for k, v in row["columns"].items()}
+        columns.setdefault("answer", [row["answer"]] * 2)
+        try:
+            score_fn([row["prompt"]] * 2, completions, **columns)
+        except Exception as error:
+            raise ValueError(
+                f"The reward source failed its check on problem {row['id']!r} before sampling: {error}. Fix the "
+                "reward function (`reward_funcs`): it must return one float (or None) per completion."
+            ) from error
 
     def _make_sampler(self) -> Sampler:
         keep_bnb_4bit_weights_trainable_on_cpu(self.model)
@@ -349,6 +455,7 @@ class _HSStarLoop:
         return {
             "objective": self._hsstar_objective,
             "num_problems": len(self._problem_rows),
+            "problems_skipped": len(self._skipped_problems),
             "problem_ids_sha": _ids_digest(self._problem_rows),
             "problems_per_iteration": len(self._iteration_rows[0]),
             "sampling_budget": args.sampling_budget,
@@ -357,6 +464,7 @@ class _HSStarLoop:
             "difficulty_estimator": args.difficulty_estimator,
             "reward_thresholds": list(self._thresholds) if self._thresholds else None,
             "reward_aggregation": args.reward_aggregation,
+            "reward_step_token": args.reward_step_token,
             "train_levels": list(args.train_levels),
             "resample_levels": list(args.resample_levels),
             "max_rows_per_problem": args.max_rows_per_problem,
@@ -434,6 +542,11 @@ class _HSStarLoop:
             )
         if self.accelerator.is_main_process:
             A.RunManifest(args.output_dir).check_or_write(self._manifest())
+            if self._skipped_problems:
+                A.atomic_write_text(
+                    os.path.join(args.output_dir, "skipped_problems.jsonl"),
+                    "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self._skipped_problems),
+                )
         self._hsstar_control = TrainerControl()
         score_fn = _UNSET  # reward models load on the first iteration that needs them
         verifier = self._verifier
@@ -462,6 +575,8 @@ class _HSStarLoop:
                     break
                 if score_fn is _UNSET:
                     score_fn = self._score_fn()
+                    if score_fn is not None:
+                        self._probe_rewards(score_fn, self._iteration_rows[t][0])
                 result = run_iteration(
                     problems,
                     store=store,
