@@ -158,11 +158,15 @@ def main(script_args: HSStarScriptArguments, training_args, model_args: ModelCon
         from .toy.world import toy_reasoner_path
 
         model = str(toy_reasoner_path())
+    # Safe by default: remote code only if the user sets `trust_remote_code` (TRL's field, default False), and
+    # safetensors weights only (a pickle-based pytorch_model.bin can run code when loaded); the user's
+    # `model_init_kwargs` override both, e.g. `{"use_safetensors": false}` for a trusted .bin checkpoint.
     model_init_kwargs = dict(
         revision=model_args.model_revision,
-        trust_remote_code=training_args.trust_remote_code,
+        trust_remote_code=bool(training_args.trust_remote_code),
         attn_implementation=model_args.attn_implementation,
         dtype=model_args.dtype,
+        use_safetensors=True,
     )
     model_init_kwargs.update(training_args.model_init_kwargs or {})
     training_args.model_init_kwargs = model_init_kwargs

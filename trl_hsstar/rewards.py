@@ -22,6 +22,7 @@ The pure helpers (:func:`aggregate_step_rewards`, :func:`split_steps`, :func:`ch
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import sys
@@ -39,6 +40,7 @@ __all__ = [
     "AGGREGATIONS",
     "DEFAULT_STEP_SEPARATOR",
     "LAYOUTS",
+    "POSITION_LIMIT_FIELDS",
     "QWEN_PRM_STEP_TOKEN",
     "QWEN_PRM_SYSTEM_PROMPT",
     "CombinedReward",
@@ -49,6 +51,7 @@ __all__ = [
     "as_reward_source",
     "check_rewards",
     "combine_rewards",
+    "config_max_length",
     "reward_source_name",
     "split_steps",
 ]
@@ -306,6 +309,31 @@ def _positive_int(value: Any, what: str, allow_none: bool = False) -> None:
         raise ValueError(f"{what} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
 
 
+POSITION_LIMIT_FIELDS = ("max_position_embeddings", "n_positions", "max_seq_len")
+"""Config fields read, in this order, for the longest sequence a model takes (the default ``max_length``)."""
+
+
+def config_max_length(model: Any) -> int | None:
+    """The longest sequence ``model``'s config declares: the first positive int among
+    :data:`POSITION_LIMIT_FIELDS` on its text config (``config.get_text_config()``), then on ``config``;
+    ``None`` when the model has no config or the config names no limit. A PEFT model is read through to its
+    base model's config."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    configs = [config]
+    get_text_config = getattr(config, "get_text_config", None)
+    if callable(get_text_config):
+        with contextlib.suppress(Exception):  # a config without a text part: read `config` itself
+            configs.insert(0, get_text_config())
+    for cfg in configs:
+        for name in POSITION_LIMIT_FIELDS:
+            value = getattr(cfg, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
 def _pad_id(model: Any, tokenizer: Any) -> int:
     """The id used for right padding: the model's pad token (what sequence-classification heads use to find
     the last real token), else the tokenizer's, else 0 (positions are read explicitly, masked anyway)."""
@@ -357,6 +385,23 @@ def _check_label(logits: torch.Tensor, positive_label: int, what: str) -> None:
 # Process reward model
 
 
+def _remove_all(text: str, token: str) -> str:
+    """``text`` without any occurrence of ``token``, including ones that removing others would form
+    (``"<ex<extra_0>tra_0>"`` loses both). Linear time: one ``str.replace`` in the usual case, else one stack
+    pass."""
+    text = text.replace(token, "")
+    if token not in text:
+        return text
+    out: list[str] = []
+    n = len(token)
+    last = token[-1]
+    for ch in text:
+        out.append(ch)
+        if ch == last and len(out) >= n and "".join(out[-n:]) == token:
+            del out[-n:]
+    return "".join(out)
+
+
 def single_token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
     """The id of ``token`` if it encodes to exactly one known token of ``tokenizer``; else a ``ValueError``."""
     ids = tokenizer.encode(token, add_special_tokens=False) if token else []
@@ -371,11 +416,38 @@ def single_token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
 
 
 def encode_math_shepherd(
-    tokenizer: PreTrainedTokenizerBase, prompt: Any, steps: Sequence[str], step_token_id: int
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: Any,
+    steps: Sequence[str],
+    step_token_id: int,
+    *,
+    max_length: int | None = None,
 ) -> tuple[list[int], list[int]]:
     """The Math-Shepherd layout (TRL's former PRMTrainer): BOS (if the tokenizer has one), the prompt, then each
     step followed by the step token. Returns the ids and the positions of the step tokens, where a step's label
-    is read (and, for training, written)."""
+    is read (and, for training, written).
+
+    With ``max_length``, only the last ``max_length`` tokens are returned and the positions of the step tokens
+    among them (the same result as truncating the full sequence). The steps are then encoded from the last one
+    back, and encoding stops once ``max_length`` tokens are reached, so a huge completion costs only the
+    tokens that are kept.
+    """
+    if max_length is not None:
+        pieces: list[list[int]] = []
+        total = 0
+        for step in reversed(steps):
+            pieces.append([*tokenizer.encode(step, add_special_tokens=False), step_token_id])
+            total += len(pieces[-1])
+            if total >= max_length:  # everything before these steps (earlier steps, prompt, BOS) is cut
+                ids, positions = [], []
+                for piece in reversed(pieces):
+                    ids += piece
+                    positions.append(len(ids) - 1)
+                cut = len(ids) - max_length
+                return ids[cut:], [p - cut for p in positions if p >= cut]
+        ids, positions = encode_math_shepherd(tokenizer, prompt, steps, step_token_id)
+        cut = max(0, len(ids) - max_length)
+        return ids[cut:], [p - cut for p in positions if p >= cut]
     ids = tokenizer.encode(_render_prompt(prompt, tokenizer), add_special_tokens=False)
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is not None and (not ids or ids[0] != bos):
@@ -428,17 +500,24 @@ class ProcessRewardModel(RewardSource):
       ``step_token`` defaults to ``"<extra_0>"`` and ``system_prompt`` to the model card's
       ``"Please reason step by step, and put your final answer within \boxed{}."``; ``system_prompt=""``
       omits the system message, and a chat prompt that already has a system message keeps its own.
-      Occurrences of the step token inside a step's text are removed so positions map to steps exactly.
+      Occurrences of the step token inside a step's text are removed (also those that removing others would
+      form) so positions map to steps exactly.
 
     Batching: sequences are sorted by length and run ``batch_size`` at a time, right-padded with an attention
     mask, on the model's device (``next(model.parameters()).device``), under ``torch.no_grad()`` with the
     model in eval mode (each submodule's previous mode is restored afterwards); results come back in input
     order. Completions without steps skip the model.
 
-    Truncation: with ``max_length`` set, a longer sequence keeps its *last* ``max_length`` tokens (so the
+    Truncation: a sequence longer than ``max_length`` keeps its *last* ``max_length`` tokens (so the
     prompt, then the earliest steps, are cut first). A step whose step token was cut gets no reward: its
     entry is missing from :meth:`step_rewards` (which then lists the rewards of the surviving, last steps)
-    and S(r) aggregates the surviving steps; if none survives, S(r) is ``None``.
+    and S(r) aggregates the surviving steps; if none survives, S(r) is ``None``. ``max_length=None`` (the
+    default) means the model's own limit, read from its config by :func:`config_max_length`
+    (``max_position_embeddings``, else ``n_positions``, else ``max_seq_len``), so a runaway completion (a
+    megabyte of text) never becomes a sequence the model cannot take; it is stored in ``self.max_length``.
+    Only for a model whose config names no limit (or a bare ``torch.nn.Module``) does ``None`` stay, and then
+    sequences are not truncated: pass ``max_length`` for such a model. In the Math-Shepherd layout the
+    steps are tokenized from the last one back and only until ``max_length`` tokens are reached.
     """
 
     def __init__(
@@ -465,6 +544,8 @@ class ProcessRewardModel(RewardSource):
             raise ValueError(f"step_separator must be a non-empty string, got {step_separator!r}")
         _positive_int(batch_size, "batch_size")
         _positive_int(max_length, "max_length", allow_none=True)
+        if max_length is None:
+            max_length = config_max_length(model)
         if isinstance(positive_label, bool) or not isinstance(positive_label, int) or positive_label < 0:
             raise ValueError(f"positive_label must be a non-negative int, got {positive_label!r}")
         num_labels = getattr(getattr(model, "config", None), "num_labels", None)
@@ -507,25 +588,26 @@ class ProcessRewardModel(RewardSource):
     def _encode(self, prompt: Any, steps: list[str]) -> tuple[list[int], list[int]]:
         """Token ids of one (prompt, steps) pair and the positions of the step tokens that survive truncation."""
         if self.layout == "math-shepherd":
-            ids, positions = encode_math_shepherd(self.tokenizer, prompt, steps, self.step_token_id)
+            return encode_math_shepherd(
+                self.tokenizer, prompt, steps, self.step_token_id, max_length=self.max_length
+            )
+        if isinstance(prompt, str):
+            messages = [{"role": "user", "content": prompt}]
         else:
-            if isinstance(prompt, str):
-                messages = [{"role": "user", "content": prompt}]
-            else:
-                messages = _as_messages(prompt, "a prompt")
-            if self.system_prompt and not (messages and messages[0]["role"] == "system"):
-                messages.insert(0, {"role": "system", "content": self.system_prompt})
-            clean = [step.replace(self.step_token, "") for step in steps]
-            messages.append({"role": "assistant", "content": self.step_token.join(clean) + self.step_token})
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
-            found = [i for i, t in enumerate(ids) if t == self.step_token_id]
-            if len(found) < len(steps):
-                raise ValueError(
-                    f"the chat template and tokenizer turned {len(steps)} step tokens {self.step_token!r} into "
-                    f"{len(found)} token(s) {self.step_token_id}: the step token must stay one token in context"
-                )
-            positions = found[len(found) - len(steps) :]  # the assistant turn comes last
+            messages = _as_messages(prompt, "a prompt")
+        if self.system_prompt and not (messages and messages[0]["role"] == "system"):
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        clean = [_remove_all(step, self.step_token) for step in steps]
+        messages.append({"role": "assistant", "content": self.step_token.join(clean) + self.step_token})
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        found = [i for i, t in enumerate(ids) if t == self.step_token_id]
+        if len(found) < len(steps):
+            raise ValueError(
+                f"the chat template and tokenizer turned {len(steps)} step tokens {self.step_token!r} into "
+                f"{len(found)} token(s) {self.step_token_id}: the step token must stay one token in context"
+            )
+        positions = found[len(found) - len(steps) :]  # the assistant turn comes last
         if self.max_length is not None and len(ids) > self.max_length:
             cut = len(ids) - self.max_length
             ids = ids[cut:]
@@ -585,8 +667,10 @@ class OutcomeRewardModel(RewardSource):
     that the classification head (which reads the last token that is not padding) sees the last real token;
     a model without ``config.pad_token_id`` cannot find it in a padded batch, so it is run one sequence at a
     time. ``torch.no_grad()``, eval mode (previous modes restored) and the model's device, as for
-    :class:`ProcessRewardModel`. With ``max_length`` set a longer sequence keeps its last ``max_length``
-    tokens. An empty input scores ``None``.
+    :class:`ProcessRewardModel`. A sequence longer than ``max_length`` keeps its last ``max_length`` tokens;
+    ``max_length=None`` (the default) means the model's own limit from its config (:func:`config_max_length`),
+    and stays ``None`` (no truncation) only for a model whose config names none. An empty input scores
+    ``None``.
     """
 
     def __init__(
@@ -601,6 +685,8 @@ class OutcomeRewardModel(RewardSource):
     ):
         _positive_int(batch_size, "batch_size")
         _positive_int(max_length, "max_length", allow_none=True)
+        if max_length is None:
+            max_length = config_max_length(model)
         if isinstance(positive_label, bool) or not isinstance(positive_label, int) or positive_label < 0:
             raise ValueError(f"positive_label must be a non-negative int, got {positive_label!r}")
         num_labels = getattr(getattr(model, "config", None), "num_labels", None)
@@ -684,6 +770,7 @@ def as_reward_source(
     tokenizer: PreTrainedTokenizerBase | None = None,
     aggregation: str = "min",
     batch_size: int = 16,
+    step_token: str | None = None,
     **model_kwargs: Any,
 ) -> Callable[..., list[float | None]]:
     """Normalise what a user passes as a reward source into something the loop can call.
@@ -694,7 +781,7 @@ def as_reward_source(
       a ``*ForTokenClassification`` model becomes a :class:`ProcessRewardModel` (Math-Shepherd layout unless
       ``layout=`` is given), Qwen2.5-Math-PRM's ``*ForProcessRewardModel`` a :class:`ProcessRewardModel` with
       ``layout="qwen-prm"``, and a ``*ForSequenceClassification`` model an :class:`OutcomeRewardModel`;
-      ``aggregation`` (PRMs only), ``batch_size`` and ``model_kwargs`` go to the constructor;
+      ``aggregation`` and ``step_token`` (PRMs only), ``batch_size`` and ``model_kwargs`` go to the constructor;
     - any other callable ``f(prompts, completions, **kwargs) -> list[float | None]`` (a TRL reward function):
       returned unchanged, reported under its ``__name__`` (see :func:`reward_source_name`).
 
@@ -719,7 +806,12 @@ def as_reward_source(
         if kind == "qwen-prm":
             model_kwargs.setdefault("layout", "qwen-prm")
         return ProcessRewardModel(
-            obj, tokenizer, aggregation=aggregation, batch_size=batch_size, **model_kwargs
+            obj,
+            tokenizer,
+            aggregation=aggregation,
+            batch_size=batch_size,
+            step_token=step_token,
+            **model_kwargs,
         )
     if callable(obj):
         return obj

@@ -200,6 +200,9 @@ def _resolve_args(model, args, config_cls, suffix: str, train_dataset):
         raise TypeError(f"`args` must be an {config_cls.__name__}, got {type(args).__name__}.")
     if train_dataset is None:
         raise ValueError("`train_dataset` (the problems) is required.")
+    if isinstance(model, str):
+        # weights from safetensors only (no unpickling), unless the user's model_init_kwargs say otherwise
+        args.model_init_kwargs = {"use_safetensors": True, **(args.model_init_kwargs or {})}
     return args
 
 
@@ -249,6 +252,7 @@ def _load_reward_model(name: str, args, device):
         tokenizer=AutoTokenizer.from_pretrained(name, **trust),
         aggregation=args.reward_aggregation,
         batch_size=args.reward_batch_size,
+        step_token=args.reward_step_token,
     )
 
 

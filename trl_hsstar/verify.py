@@ -52,6 +52,7 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 
 _BOX_TOKEN = re.compile(r"\\(?:boxed|fbox)\s*\{|[{}]")
+_BOX_START = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _GSM8K = re.compile(r"####\s*([^\n]*)")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
@@ -60,31 +61,48 @@ def extract_boxed(text: str) -> str | None:
     """Content of the last complete ``\\boxed{...}`` / ``\\fbox{...}`` in ``text``, or ``None``.
 
     "Last" is the box that closes last, so in ``\\boxed{\\boxed{5}}`` it is the outer one, whose
-    content is itself unwrapped to ``5``. Unclosed boxes (a truncated completion) are ignored.
-    One pass over the text.
+    content is itself unwrapped to ``5`` (at any depth). Unclosed boxes (a truncated completion) are
+    ignored. One pass over the text, and linear time even for deeply nested boxes.
     """
     if not isinstance(text, str) or "box" not in text:
         return None
-    stack: list[int | None] = []  # content start for a box brace, None for a plain brace
-    last: tuple[int, int] | None = None
+    stack: list[int | None] = []  # for each open brace: its box's index in `spans`, None for a plain brace
+    spans: list[tuple[int, int]] = []  # content (start, end) of each box, in opening order
+    inner: dict[int, int] = {}  # box -> the box inside it that closes last
+    last = None  # the box closed most recently
     for m in _BOX_TOKEN.finditer(text):
         token = m.group()
         if token == "}":
             if stack:
-                start = stack.pop()
-                if start is not None:
-                    last = (start, m.start())
+                box = stack.pop()
+                if box is not None:
+                    start = spans[box][0]
+                    spans[box] = (start, m.start())
+                    if last is not None and spans[last][0] >= start:
+                        inner[box] = last
+                    last = box
         elif token == "{":
             stack.append(None)
         else:
-            stack.append(m.end())
+            stack.append(len(spans))
+            spans.append((m.end(), -1))
     if last is None:
         return None
-    content = text[last[0] : last[1]].strip()
-    inner = extract_boxed(content)
-    if inner is not None and re.fullmatch(r"\\(?:boxed|fbox)\s*\{.*\}", content, flags=re.DOTALL):
-        return inner
-    return content
+    start, end = _strip_span(text, *spans[last])
+    # A content that is itself exactly one box (``\\boxed{\\boxed{5}}``) is unwrapped, level by level.
+    while last in inner and _BOX_START.match(text, start, end) and text[end - 1] == "}":
+        last = inner[last]
+        start, end = _strip_span(text, *spans[last])
+    return text[start:end]
+
+
+def _strip_span(text: str, start: int, end: int) -> tuple[int, int]:
+    """``(start, end)`` narrowed like ``text[start:end].strip()``, without copying."""
+    while start < end and text[start].isspace():
+        start += 1
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    return start, end
 
 
 def extract_gsm8k(text: str) -> str | None:
