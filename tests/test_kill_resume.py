@@ -24,6 +24,7 @@ NUM_ITERATIONS = 2
 PROBLEMS_PER_ITERATION = 24
 BUDGET = 8
 CHUNK = 8
+PROBE = 2  # completions the trainer scores once at start, to check the reward source before any sampling
 
 
 def _config(tmp: Path, model: Path, output_dir: Path) -> Path:
@@ -183,7 +184,7 @@ def test_killed_in_a_data_phase_resumes_from_its_last_chunk(phase, reasoner_dir,
         assert stats["generated_this_run"] == 0
         assert stats["units"][A.RESAMPLE_SCORES]["computed"] == resamples - saved
         scored_iteration_1 = BUDGET * PROBLEMS_PER_ITERATION
-        assert _scored(log) - scored_before == resamples - saved + scored_iteration_1
+        assert _scored(log) - scored_before == PROBE + resamples - saved + scored_iteration_1
     assert _summary(run) == uninterrupted
 
 
@@ -200,7 +201,7 @@ def test_killed_during_training_resumes_without_resampling(reasoner_dir, tmp_pat
     stats = store.read_json(A.STATS)
     assert stats["phases_computed"] == [] and stats["generated_this_run"] == 0
     assert stats["train_steps"] > 0
-    assert _scored(log) - scored_before == BUDGET * PROBLEMS_PER_ITERATION  # iteration 1 only
+    assert _scored(log) - scored_before == PROBE + BUDGET * PROBLEMS_PER_ITERATION  # iteration 1 only
     assert _summary(run) == uninterrupted
 
 

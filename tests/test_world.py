@@ -137,9 +137,9 @@ def test_prm_is_trained_on_the_reasoners_samples_and_loads_as_a_reward(reasoner_
     metrics = json.loads((path / "prm_metrics.json").read_text())
     assert 0 <= metrics["eval_step_accuracy"] <= 1 and metrics["num_train"] > 0 and metrics["num_eval"] > 0
     assert metrics["majority_accuracy"] >= 0.5
-    from types import SimpleNamespace
+    from trl_hsstar import HSStarConfig
 
-    args = SimpleNamespace(trust_remote_code=False, reward_aggregation="min", reward_batch_size=4)
+    args = HSStarConfig(output_dir=str(tmp_path / "run"), reward_batch_size=4)
     source = _load_reward_model(str(path), args, torch.device("cpu"))
     assert isinstance(source, ProcessRewardModel)
     problem = level_problems(["3x1"], 1, seed=0)[0]
