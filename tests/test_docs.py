@@ -24,3 +24,14 @@ def test_readme_python_examples_run_as_written(reasoner_dir, tmp_path, monkeypat
         if expected:
             assert out.getvalue().strip().splitlines() == expected
     assert (tmp_path / "runs" / "readme" / "iteration-1" / "DONE").exists()
+
+
+def test_every_test_named_in_reliability_md_exists():
+    """docs/reliability.md lists each guarantee beside its test: every test it names must exist."""
+    text = (README.parent / "docs" / "reliability.md").read_text()
+    named = set(re.findall(r"(tests/test_\w+\.py)::(test_\w+)", text))
+    named |= {("tests/test_bad_input.py", name) for name in re.findall(r"`(test_\w+)[\[`]", text)}
+    assert len(named) >= 30
+    for path, name in sorted(named):
+        source = (README.parent / path).read_text()
+        assert f"def {name}(" in source, f"docs/reliability.md names {path}::{name}, which does not exist"
