@@ -77,7 +77,15 @@ def _launch(config: Path, num_processes: int) -> subprocess.CompletedProcess:
             "no",
             "--main_process_port",
             "0",
-            str(REPO / "recipes" / "hsstar.py"),
+            str(
+                REPO
+                / "recipes"
+                / (
+                    "hsstar_dpo.py"
+                    if yaml.safe_load(config.read_text())["objective"] == "dpo"
+                    else "hsstar.py"
+                )
+            ),
             "--config",
             str(config),
         ]
@@ -132,6 +140,18 @@ def test_two_processes_shard_sampling_and_match_one_process(reasoner_dir, tmp_pa
     # only the main process writes: no temporary files left behind, one manifest
     leftovers = [p for p in two.rglob("*") if ".tmp-" in p.name or p.name.endswith(".partial")]
     assert not leftovers
+
+
+@pytest.mark.slow
+def test_dpo_on_two_processes(reasoner_dir, tmp_path):
+    """DPO: the reference log-probs of each iteration are precomputed across both processes."""
+    run = tmp_path / "dpo"
+    _launch(_config(tmp_path / "dpo.yaml", reasoner_dir, run, objective="dpo", learning_rate=1e-5), 2)
+    for t in range(2):
+        _check_iteration(run, t, 2)
+        rows = A.IterationArtifacts(run, t).read_jsonl(A.TRAIN_ROWS)
+        assert rows and all(r["chosen_id"] != r["rejected_id"] for r in rows)
+        assert A.IterationArtifacts(run, t).read_json(A.STATS)["train_steps"] > 0
 
 
 @pytest.mark.slow

@@ -750,9 +750,18 @@ class HSStarDPOTrainer(_HSStarLoop, DPOTrainer):
                 "chosen": [{"role": "assistant", "content": " "}],
                 "rejected": [{"role": "assistant", "content": "  "}],
             }
+        self._hsstar_placeholder = True
         super().__init__(
             model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list([pair]), **kwargs
         )
+        self._hsstar_placeholder = False
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        # The constructor's one-row placeholder needs no reference log-probs (each iteration computes its own), and
+        # precomputing them would cache an in-memory dataset in a temporary directory other processes cannot see.
+        if getattr(self, "_hsstar_placeholder", False):
+            return dataset
+        return super()._precompute_ref_logps(dataset, name, batch_size)
 
     def _snapshot_reference(self) -> None:
         """With PEFT, copy the current adapter to "ref" so that the reference is M_t, not the base model."""
