@@ -146,6 +146,12 @@ def test_prm_is_trained_on_the_reasoners_samples_and_loads_as_a_reward(reasoner_
     scores = source([problem.prompt], [problem.rationale()])
     assert len(scores) == 1 and 0 <= scores[0] <= 1
     assert toy_prm_path(reasoner_dir, tmp_path, **SMALL_PRM) == path  # cached
+    # built again elsewhere: the same weights (the new head is seeded too)
+    again = toy_prm_path(reasoner_dir, tmp_path / "again", **SMALL_PRM)
+    from safetensors.torch import load_file
+
+    first, second = load_file(path / "model.safetensors"), load_file(again / "model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     with pytest.raises(ValueError, match="epochs"):
         toy_prm_path(reasoner_dir, tmp_path, epochs=3)
 

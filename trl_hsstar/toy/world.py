@@ -255,7 +255,8 @@ def toy_prm_path(
         raise ValueError(f"unknown toy PRM settings {sorted(unknown)}; valid: {sorted(DEFAULT_PRM)}")
     settings = {**DEFAULT_PRM, **overrides}
     reasoner_dir = Path(reasoner_dir)
-    identity = {"reasoner": (reasoner_dir / "toy_reasoner.json").read_text(), **settings}
+    # "head": the classification head is initialised from `seed` (earlier builds drew it unseeded)
+    identity = {"reasoner": (reasoner_dir / "toy_reasoner.json").read_text(), "head": "seeded", **settings}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     path = root / f"toy-prm-{key}"
@@ -294,7 +295,11 @@ def toy_prm_path(
             completions.append(c.text)
             labels.append(label_steps(p, c.text))
     examples = prm_examples(tokenizer, prompts, completions, labels, step_token=STEP_TOKEN)
-    model = AutoModelForTokenClassification.from_pretrained(reasoner_dir, num_labels=2)
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings["seed"])  # the new classification head: the same weights on every build
+        model = AutoModelForTokenClassification.from_pretrained(reasoner_dir, num_labels=2)
     with tempfile.TemporaryDirectory() as scratch:
         metrics = train_prm(
             model,
