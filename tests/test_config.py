@@ -66,8 +66,10 @@ def test_bf16_is_switched_off_without_an_accelerator(tmp_path):
         ({"train_levels": ["medium"]}, "`train_levels`"),
         ({"resample_levels": []}, "`resample_levels`"),
         ({"resample_levels": ["medium"]}, "`resample_levels`"),
-        ({"use_vllm": True}, "`use_vllm=True`: the vLLM backend is not available"),
-        ({"vllm_mode": "server"}, "`vllm_mode='server'`"),
+        ({"vllm_mode": "server"}, "`vllm_mode='server'`: .* external-server mode is not available yet"),
+        ({"vllm_server_base_url": "http://x:8000"}, "`vllm_server_base_url=.*` belongs to the external-server mode"),
+        ({"vllm_gpu_memory_utilization": 1.5}, "`vllm_gpu_memory_utilization` must be in"),
+        ({"vllm_python": "/no/such/python"}, "`vllm_python` .* does not exist"),
     ],
 )
 @pytest.mark.parametrize("cls", [HSStarConfig, HSStarDPOConfig])

@@ -7,6 +7,7 @@ names the field and the fix.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from trl import DPOConfig, SFTConfig
@@ -17,7 +18,7 @@ from .rewards import AGGREGATIONS
 
 __all__ = ["HSStarArguments", "HSStarConfig", "HSStarDPOConfig"]
 
-# TRL GRPO's vLLM field names, reserved so that users' YAML carries over once the vLLM backend lands.
+# TRL GRPO's vLLM field names and our defaults (the server ones are reserved until the external-server mode lands).
 _VLLM_FIELDS = {
     "use_vllm": False,
     "vllm_mode": "colocate",
@@ -115,10 +116,27 @@ class HSStarArguments:
         train_levels (`list[str]`, *optional*, defaults to `["boundary"]`):
             Levels whose problems give training data.
 
-        > Reserved for the vLLM backend (TRL GRPO's names)
+        > Parameters that control generation with vLLM (TRL GRPO's names, so a GRPO YAML carries over)
 
         use_vllm (`bool`, *optional*, defaults to `False`):
-            Generate with vLLM. Not available yet: setting it raises an error.
+            Sample with vLLM instead of transformers `generate`.
+        vllm_mode (`str`, *optional*, defaults to `"colocate"`):
+            `"colocate"`: the trainer owns a vLLM engine in a child process on the training machine, started once,
+            given each iteration's checkpoint (or LoRA adapter) in place, and asleep while the policy trains if
+            `vllm_enable_sleep_mode`. Each process of a multi-process run has its own engine.
+        vllm_python (`str`, *optional*):
+            The Python interpreter that runs the engine: one with vLLM installed, e.g. a separate virtual
+            environment whose pins would conflict with TRL's. Default: this interpreter.
+        vllm_gpu_memory_utilization (`float`, *optional*, defaults to `0.3`):
+            Share of the GPU memory the engine may take.
+        vllm_tensor_parallel_size (`int`, *optional*, defaults to `1`):
+            GPUs one engine spans.
+        vllm_max_model_length (`int`, *optional*):
+            The engine's context length. Default: the model's.
+        vllm_enable_sleep_mode (`bool`, *optional*, defaults to `False`):
+            Put the engine to sleep (its GPU memory freed) during each training pass.
+        vllm_server_timeout (`float`, *optional*, defaults to `240.0`):
+            Seconds the engine may take to start before the run stops with its log.
     """
 
     # iterations
@@ -184,25 +202,38 @@ class HSStarArguments:
     train_levels: list[str] = field(
         default_factory=lambda: ["boundary"], metadata={"help": "Levels whose problems give training data."}
     )
-    # reserved for vLLM (TRL GRPO names)
+    # vLLM (TRL GRPO names)
     use_vllm: bool = field(
-        default=False, metadata={"help": "Generate with vLLM (reserved: not available yet)."}
+        default=False, metadata={"help": "Sample with vLLM instead of transformers generate."}
     )
-    vllm_mode: str = field(default="colocate", metadata={"help": "Reserved for the vLLM backend."})
+    vllm_mode: str = field(
+        default="colocate", metadata={"help": "'colocate': an engine the trainer owns, in a child process."}
+    )
+    vllm_python: str | None = field(
+        default=None, metadata={"help": "Interpreter with vLLM that runs the engine (default: this one)."}
+    )
     vllm_server_base_url: str | None = field(
-        default=None, metadata={"help": "Reserved for the vLLM backend."}
+        default=None, metadata={"help": "Reserved for the external-server mode (not available yet)."}
     )
-    vllm_server_host: str = field(default="127.0.0.1", metadata={"help": "Reserved for the vLLM backend."})
-    vllm_server_port: int = field(default=8000, metadata={"help": "Reserved for the vLLM backend."})
-    vllm_server_timeout: float = field(default=240.0, metadata={"help": "Reserved for the vLLM backend."})
+    vllm_server_host: str = field(
+        default="127.0.0.1", metadata={"help": "Reserved for the external-server mode (not available yet)."}
+    )
+    vllm_server_port: int = field(
+        default=8000, metadata={"help": "Reserved for the external-server mode (not available yet)."}
+    )
+    vllm_server_timeout: float = field(
+        default=240.0, metadata={"help": "Seconds the vLLM engine may take to start."}
+    )
     vllm_gpu_memory_utilization: float = field(
-        default=0.3, metadata={"help": "Reserved for the vLLM backend."}
+        default=0.3, metadata={"help": "Share of the GPU memory the vLLM engine may take."}
     )
-    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "Reserved for the vLLM backend."})
+    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs one vLLM engine spans."})
     vllm_max_model_length: int | None = field(
-        default=None, metadata={"help": "Reserved for the vLLM backend."}
+        default=None, metadata={"help": "The vLLM engine's context length (default: the model's)."}
     )
-    vllm_enable_sleep_mode: bool = field(default=False, metadata={"help": "Reserved for the vLLM backend."})
+    vllm_enable_sleep_mode: bool = field(
+        default=False, metadata={"help": "Free the vLLM engine's GPU memory during each training pass."}
+    )
 
     def _validate_hsstar(self) -> None:
         """Check every HS-STaR field; raise ``ValueError`` naming the field and the fix."""
@@ -262,14 +293,31 @@ class HSStarArguments:
                 raise ValueError(f"`{name}` must be a non-empty list of {levels}, got {value!r}.")
         if not self.answer_column:
             raise ValueError("`answer_column` must name the dataset column with the reference answers.")
-        for name, default in _VLLM_FIELDS.items():
+        if self.vllm_mode != "colocate":
+            raise ValueError(
+                f"`vllm_mode={self.vllm_mode!r}`: this version of trl-hsstar runs vLLM as an engine the trainer "
+                "owns (`vllm_mode='colocate'`); the external-server mode is not available yet."
+            )
+        for name in ("vllm_server_base_url", "vllm_server_host", "vllm_server_port"):
             value = getattr(self, name)
-            if value != default:
+            if value != _VLLM_FIELDS[name]:
                 raise ValueError(
-                    f"`{name}={value!r}`: the vLLM backend is not available in this version of trl-hsstar; the "
-                    "field is reserved (TRL GRPO's name) so that your config carries over. Remove it to sample "
-                    "with transformers `generate`."
+                    f"`{name}={value!r}` belongs to the external-server mode, which is not available yet: remove it "
+                    "(the field is reserved under TRL GRPO's name so that your config carries over)."
                 )
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"`vllm_gpu_memory_utilization` must be in (0, 1], got {self.vllm_gpu_memory_utilization!r}."
+            )
+        positive_int("vllm_tensor_parallel_size")
+        positive_int("vllm_max_model_length", allow_none=True)
+        if not self.vllm_server_timeout > 0:
+            raise ValueError(f"`vllm_server_timeout` must be positive, got {self.vllm_server_timeout!r}.")
+        if self.vllm_python is not None and not os.path.exists(self.vllm_python):
+            raise ValueError(
+                f"`vllm_python` ({self.vllm_python}) does not exist: give the interpreter of an environment with "
+                "vLLM installed (e.g. .vllm-venv/bin/python)."
+            )
 
     def _defaults_for_this_machine(self) -> None:
         """On a machine without an accelerator: bf16 off (TRL turns it on by default, which fails on a CPU), and

@@ -34,7 +34,7 @@ from trl import DPOTrainer, SFTTrainer
 from . import artifacts as A
 from ._compat import keep_bnb_4bit_weights_trainable_on_cpu
 from .callbacks import HSSTAR_EVENTS
-from .config import HSStarConfig, HSStarDPOConfig
+from .config import HSStarConfig, HSStarDPOConfig, _accelerator_available
 from .difficulty import lookup_thresholds, validate_thresholds
 from .distributed import AccelerateCollective
 from .pipeline import PipelineEvents, PipelineSettings, Problem, run_iteration
@@ -342,6 +342,7 @@ class _HSStarLoop:
                 self._thresholds = found[0]
         self._verifier = verifier
         self._sampler = sampler
+        self._vllm = None
         self._hsstar_control = TrainerControl()
 
     # -- pieces built lazily at train() time ----------------------------------------------------------------
@@ -418,6 +419,10 @@ class _HSStarLoop:
         keep_bnb_4bit_weights_trainable_on_cpu(self.model)
         if self._sampler is not None:
             return self._sampler
+        if self.args.use_vllm:
+            if self._vllm is None:
+                self._vllm = self._start_vllm()
+            return self._vllm
         return TransformersSampler(
             self.model_wrapped if self.model_wrapped is not None else self.model,
             self.processing_class,
@@ -425,6 +430,70 @@ class _HSStarLoop:
             accelerator=self.accelerator,
             progress=not self.args.disable_tqdm,
         )
+
+    def _is_peft(self) -> bool:
+        try:
+            from peft import PeftModel
+        except ImportError:  # pragma: no cover - peft is a dependency
+            return False
+        return isinstance(self.accelerator.unwrap_model(self.model), PeftModel)
+
+    def _start_vllm(self):
+        """The vLLM sampler of this run: an engine on the starting checkpoint (the 16-bit base for LoRA/QLoRA,
+        whose adapter is served on top; nothing is ever merged into quantized weights)."""
+        from .sampling.vllm_sampler import VLLMSampler
+
+        args = self.args
+        base = _model_name(self.model)
+        if not base:
+            raise ValueError(
+                "`use_vllm=True` starts the engine from the model's checkpoint, and this model has none "
+                "(`config._name_or_path` is empty): pass the model as an id or path, or save it first."
+            )
+        engine = {
+            "seed": args.seed,
+            "gpu_memory_utilization": args.vllm_gpu_memory_utilization,
+            "tensor_parallel_size": args.vllm_tensor_parallel_size,
+            "enable_prefix_caching": True,
+            "enable_sleep_mode": args.vllm_enable_sleep_mode,
+        }
+        if args.vllm_max_model_length:
+            engine["max_model_len"] = args.vllm_max_model_length
+        if self._is_peft():
+            model = self.accelerator.unwrap_model(self.model)
+            rank = max(int(getattr(c, "r", 8)) for c in model.peft_config.values())
+            engine.update(
+                enable_lora=True, max_loras=2, max_lora_rank=max(8, rank)
+            )  # base and adapter requests
+        env = {}
+        if not _accelerator_available():  # vLLM's CPU build: a small KV cache, every core
+            env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
+            env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ.get(
+                "VLLM_CPU_OMP_THREADS_BIND", f"0-{max(1, os.cpu_count() or 1) - 1}"
+            )
+        rank = self.accelerator.process_index
+        return VLLMSampler(
+            base,
+            self.processing_class,
+            python=args.vllm_python,
+            engine_kwargs=engine,
+            env=env,
+            startup_timeout=args.vllm_server_timeout,
+            log_path=os.path.join(args.output_dir, f"vllm-{rank}.log"),
+        )
+
+    def _sync_vllm(self, iteration: int) -> None:
+        """Give the engine the policy iteration ``iteration`` samples from: the last completed iteration's model."""
+        if self._vllm is None:
+            return
+        previous = (
+            A.IterationArtifacts(self.args.output_dir, iteration - 1).model_dir if iteration > 0 else None
+        )
+        if self._is_peft():
+            if previous is not None and (self._vllm.adapter or [None, None, None])[2] != str(previous):
+                self._vllm.load_adapter(previous)
+        elif previous is not None:
+            self._vllm.load_weights(previous)
 
     def _render(self, prompt: Any) -> str:
         if isinstance(prompt, str):
@@ -581,10 +650,12 @@ class _HSStarLoop:
                     score_fn = self._score_fn()
                     if score_fn is not None:
                         self._probe_rewards(score_fn, self._iteration_rows[t][0])
+                sampler = self._make_sampler()
+                self._sync_vllm(t)
                 result = run_iteration(
                     problems,
                     store=store,
-                    sampler=self._make_sampler(),
+                    sampler=sampler,
                     verifier=verifier,
                     score_fn=score_fn,
                     settings=self._settings(t),
@@ -592,9 +663,13 @@ class _HSStarLoop:
                     collective=AccelerateCollective(self.accelerator),
                     progress=not args.disable_tqdm,
                 )
-                stats = {"iteration": t, **result.stats}
+                stats = {"iteration": t, "sampler": sampler.name, **result.stats}
                 if stats["rows"] and not self._hsstar_control.should_training_stop:
+                    if self._vllm is not None and args.vllm_enable_sleep_mode:
+                        self._vllm.sleep()  # its GPU memory goes to training
                     output = self._train_pass(store, t, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+                    if self._vllm is not None and args.vllm_enable_sleep_mode:
+                        self._vllm.wake()
                     stats["train_loss"] = output.training_loss
                     stats["train_steps"] = output.global_step
                     stats["train_runtime"] = output.metrics.get("train_runtime")
@@ -616,6 +691,9 @@ class _HSStarLoop:
         finally:
             if own_verifier:
                 verifier.close()
+            if self._vllm is not None:
+                self._vllm.close()
+                self._vllm = None
         return output
 
 

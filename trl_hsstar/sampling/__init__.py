@@ -1,7 +1,8 @@
 """Samplers: generate ``num_samples[i]`` completions for each already-rendered prompt.
 
 :class:`Sampler` is the interface (:mod:`trl_hsstar.sampling.base`, standard library only); each backend
-is one module: :class:`TransformersSampler` (``model.generate``). Backends are imported lazily, so
+is one module: :class:`TransformersSampler` (``model.generate``) and :class:`VLLMSampler` (a vLLM engine in a child
+process, possibly under another interpreter). Backends are imported lazily, so
 ``from trl_hsstar.sampling import Sampler, SamplingParams`` does not import torch.
 """
 
@@ -14,15 +15,22 @@ from .base import Completion, Sampler, SamplingParams, SamplingStats, expand_req
 
 if TYPE_CHECKING:  # pragma: no cover
     from .transformers_sampler import TransformersSampler
+    from .vllm_sampler import EngineError, VLLMSampler
 
-_LAZY = {"TransformersSampler": "transformers_sampler"}
+_LAZY = {
+    "TransformersSampler": "transformers_sampler",
+    "VLLMSampler": "vllm_sampler",
+    "EngineError": "vllm_sampler",
+}
 
 __all__ = [
     "Completion",
+    "EngineError",
     "Sampler",
     "SamplingParams",
     "SamplingStats",
     "TransformersSampler",
+    "VLLMSampler",
     "expand_requests",
     "validate_request",
 ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import math
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,7 +22,9 @@ __all__ = [
     "Sampler",
     "SamplingParams",
     "SamplingStats",
+    "encode_prompt",
     "expand_requests",
+    "request_seed",
     "validate_request",
 ]
 
@@ -125,6 +128,26 @@ def validate_request(prompts: Sequence[str], num_samples: Sequence[int], params:
     if not isinstance(params, SamplingParams):
         raise ValueError(f"`params` must be a SamplingParams, got {type(params).__name__}.")
     _check_params(params.temperature, params.top_p, params.max_new_tokens, params.seed)
+
+
+def encode_prompt(tokenizer, prompt: str, index: int = 0) -> list[int]:
+    """The token ids every backend generates from: the tokenizer's defaults (``add_special_tokens=True``, so a
+    tokenizer that prepends BOS does so), except that a prompt already starting with the BOS token (typically a
+    rendered chat template) is tokenized without special tokens, so BOS is never doubled."""
+    bos = getattr(tokenizer, "bos_token", None)
+    add_special_tokens = not (bos and prompt.startswith(bos))
+    ids = list(tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
+    if not ids:
+        raise ValueError(
+            f"`prompts[{index}]` is empty after tokenization; a prompt needs at least one token."
+        )
+    return ids
+
+
+def request_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """The seed of one sample of a request seeded with ``seed``: distinct per (prompt, sample), so that no two
+    samples share random draws, and the same on every run (for backends that seed each sample, like vLLM)."""
+    return zlib.crc32(f"{seed}:{prompt_index}:{sample_index}".encode())
 
 
 def expand_requests(num_samples: Sequence[int]) -> list[int]:

@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._utils import eval_mode
-from .base import Completion, Sampler, SamplingParams, expand_requests, validate_request
+from .base import Completion, Sampler, SamplingParams, encode_prompt, expand_requests, validate_request
 
 __all__ = ["TransformersSampler"]
 
@@ -125,16 +125,6 @@ class TransformersSampler(Sampler):
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _encode(self, prompt: str, index: int) -> list[int]:
-        bos = getattr(self.tokenizer, "bos_token", None)
-        add_special_tokens = not (bos and prompt.startswith(bos))
-        ids = list(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
-        if not ids:
-            raise ValueError(
-                f"`prompts[{index}]` is empty after tokenization; a prompt needs at least one token."
-            )
-        return ids
-
     def _eos_ids(self, model: Any) -> list[int]:
         config = getattr(model, "generation_config", None)
         ids = _as_id_list(getattr(config, "eos_token_id", None))
@@ -208,7 +198,7 @@ class TransformersSampler(Sampler):
             self._record(results, time.perf_counter() - start)
             return results
 
-        encoded = {i: self._encode(prompts[i], i) for i in dict.fromkeys(flat)}
+        encoded = {i: encode_prompt(self.tokenizer, prompts[i], i) for i in dict.fromkeys(flat)}
         # Longest prompts first, samples of one prompt adjacent (the sort is stable: input order within).
         order = sorted(flat, key=lambda i: -len(encoded[i]))
 

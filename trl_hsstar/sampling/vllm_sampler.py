@@ -1,0 +1,302 @@
+"""Sampling with vLLM in an engine process the sampler owns, kept alive across iterations.
+
+The engine runs :mod:`trl_hsstar.sampling.vllm_worker` as a child process, under this interpreter or another
+one (``python=``: a virtual environment with vLLM whose pins would fight TRL's). The weights of an HS-STaR policy
+change once per iteration, not once per step, so the engine is started once and given each iteration's saved
+checkpoint with :meth:`VLLMSampler.load_weights` (an in-place reload that takes well under a second, followed by a
+prefix-cache reset), or each iteration's LoRA adapter with :meth:`VLLMSampler.load_adapter` (served on the 16-bit
+base, never merged into quantized weights).
+
+Prompts are tokenized here, with the same rule as the transformers backend
+(:func:`~trl_hsstar.sampling.base.encode_prompt`), and sent as token ids, so both backends see the same tokens.
+With ``params.seed`` set, every sample gets its own seed (:func:`~trl_hsstar.sampling.base.request_seed`): a rerun
+reproduces, and no two samples share random draws.
+
+Failures: an engine that does not start within ``startup_timeout`` seconds, or does not answer a request within
+``request_timeout``, is killed and reported with the tail of its log. An engine that dies in the middle of a
+request is restarted (up to ``max_restarts`` times over the sampler's life, with the current weights or adapter)
+and the request is sent again: in the HS-STaR loop a request is one chunk of a phase, and the chunks already
+saved are kept, so nothing is lost or repeated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .base import (
+    Completion,
+    Sampler,
+    SamplingParams,
+    encode_prompt,
+    request_seed,
+    validate_request,
+)
+
+__all__ = ["EngineError", "EngineTimeout", "VLLMSampler"]
+
+WORKER = Path(__file__).with_name("vllm_worker.py")
+
+
+class EngineError(RuntimeError):
+    """The vLLM engine failed to start, died, or did not answer in time."""
+
+
+class EngineTimeout(EngineError):
+    """The vLLM engine did not answer in time (it was stopped; not restarted)."""
+
+
+class VLLMSampler(Sampler):
+    """A :class:`~trl_hsstar.sampling.Sampler` backed by a vLLM engine in a child process.
+
+    Args:
+        model: the checkpoint the engine starts from (a directory or a Hub id): for LoRA, the 16-bit base.
+        tokenizer: its tokenizer (prompts are tokenized here).
+        python: the interpreter that runs the engine (default: this one). It needs vLLM, not trl-hsstar.
+        engine_kwargs: keyword arguments of ``vllm.LLM`` (``dtype``, ``gpu_memory_utilization``,
+            ``tensor_parallel_size``, ``max_model_len``, ``enable_lora``, ``max_lora_rank``, ``enable_sleep_mode``,
+            ``seed``...). ``model`` and ``tokenizer`` are filled in.
+        env: extra environment variables of the engine process (e.g. ``VLLM_CPU_KVCACHE_SPACE``).
+        startup_timeout: seconds the engine may take to start.
+        request_timeout: seconds one request may take (``None``: no limit).
+        max_restarts: how many times a dead engine is restarted over the sampler's life.
+        stop_strings: strings that end a completion, as EOS does (not included in the text).
+        log_path: where the engine's output goes (default: a temporary file); its tail is quoted in errors.
+    """
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        model: str | os.PathLike,
+        tokenizer: Any,
+        *,
+        python: str | None = None,
+        engine_kwargs: dict | None = None,
+        env: dict | None = None,
+        startup_timeout: float = 600.0,
+        request_timeout: float | None = None,
+        max_restarts: int = 1,
+        stop_strings: str | Sequence[str] | None = None,
+        log_path: str | os.PathLike | None = None,
+    ):
+        if isinstance(stop_strings, str):
+            stop_strings = [stop_strings]
+        if not hasattr(tokenizer, "batch_decode") and hasattr(tokenizer, "tokenizer"):
+            tokenizer = tokenizer.tokenizer
+        self.model = str(model)
+        self.tokenizer = tokenizer
+        self.python = python or sys.executable
+        if not Path(self.python).exists():
+            raise ValueError(
+                f"`python` ({self.python}) does not exist: pass the interpreter of an environment with vLLM."
+            )
+        self.engine_kwargs = dict(engine_kwargs or {})
+        self.engine_kwargs.setdefault("model", self.model)
+        self.engine_kwargs.setdefault("tokenizer", self.model)  # also after a restart on a later checkpoint
+        self.env = dict(env or {})
+        if int(self.engine_kwargs.get("tensor_parallel_size", 1)) == 1:
+            # the engine core in the worker process: an in-place reload can then re-tie tied embeddings
+            self.env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        self.startup_timeout = startup_timeout
+        self.request_timeout = request_timeout
+        self.max_restarts = max_restarts
+        self.restarts = 0
+        self.stop_strings = list(stop_strings or [])
+        self.log_path = (
+            Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="hsstar-vllm-", suffix=".log")[1])
+        )
+        self.weights: str | None = None  # a checkpoint loaded after start, reloaded after a restart
+        self.adapter: list | None = None  # [name, id, path] of the LoRA adapter in use
+        self._adapter_ids = 0
+        self._proc: subprocess.Popen | None = None
+        self.reload_seconds: list[float] = []
+
+    # -- the engine process --------------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def _log_tail(self, n: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def start(self) -> None:
+        """Start the engine (done on the first request); a no-op if it is running. An engine started after
+        :meth:`load_weights` starts from those weights."""
+        if self._proc is not None and self._proc.poll() is None:
+            return
+        env = dict(os.environ)
+        env.update(self.env)
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen(
+                [self.python, str(WORKER)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                env=env,
+                start_new_session=True,
+            )
+        try:
+            engine = dict(self.engine_kwargs)
+            if self.weights is not None:
+                engine["model"] = self.weights
+            self._request({"cmd": "start", "engine": engine}, self.startup_timeout, "start")
+        except EngineError:
+            self._kill()
+            raise
+
+    def _kill(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, 9)
+            except OSError:
+                proc.kill()
+        proc.wait()
+        for stream in (proc.stdin, proc.stdout):
+            with contextlib.suppress(OSError):
+                stream.close()
+
+    def _request(self, request: dict, timeout: float | None, what: str) -> dict:
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            raise EngineError(f"the vLLM engine is not running ({what})")
+        try:
+            proc.stdin.write((json.dumps(request) + "\n").encode())
+            proc.stdin.flush()
+        except (BrokenPipeError, OSError) as error:
+            raise EngineError(f"the vLLM engine died before the {what} request: {error}") from error
+        deadline = None if timeout is None else time.monotonic() + timeout
+        fd = proc.stdout.fileno()
+        buffer = b""
+        while not buffer.endswith(b"\n"):
+            wait = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
+            ready, _, _ = select.select([fd], [], [], wait)
+            if ready:
+                chunk = os.read(fd, 1 << 20)
+                if not chunk:
+                    raise EngineError(
+                        f"the vLLM engine exited (code {proc.wait()}) during the {what} request. Its log "
+                        f"({self.log_path}) ends with:\n{self._log_tail()}"
+                    )
+                buffer += chunk
+            elif deadline is not None and time.monotonic() >= deadline:
+                self._kill()
+                raise EngineTimeout(
+                    f"the vLLM engine did not answer the {what} request within {timeout:.0f} s and was stopped. Its "
+                    f"log ({self.log_path}) ends with:\n{self._log_tail()}"
+                )
+        reply = json.loads(buffer)
+        if not reply.pop("ok"):
+            raise RuntimeError(f"the vLLM engine failed the {what} request:\n{reply['error']}")
+        return reply
+
+    def _call(self, request: dict, what: str) -> dict:
+        """Send a request, restarting a dead engine (within ``max_restarts``) and sending it again."""
+        self.start()
+        try:
+            return self._request(request, self.request_timeout, what)
+        except EngineTimeout:
+            raise
+        except EngineError:
+            if self.restarts >= self.max_restarts:
+                raise
+            self.restarts += 1
+            self._kill()
+            self.start()
+            return self._request(request, self.request_timeout, what)
+
+    def close(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            with contextlib.suppress(EngineError, RuntimeError):
+                self._request({"cmd": "close"}, 30, "close")
+        self._kill()
+
+    # -- weights -----------------------------------------------------------------------------------------
+
+    def load_weights(self, path: str | os.PathLike) -> float:
+        """Load a full checkpoint directory into the running engine (started from it if not running yet)."""
+        path = str(path)
+        if self.weights == path:
+            return 0.0
+        self.weights, self.adapter = path, None
+        if self._proc is None or self._proc.poll() is not None:
+            return 0.0  # the engine loads it when it starts
+        start = time.perf_counter()
+        reply = self._call({"cmd": "reload", "path": path}, "reload")
+        if reply.get(
+            "needs_restart"
+        ):  # tied embeddings the engine could not tie again in place: a fresh engine
+            self._kill()
+            self.start()
+        seconds = time.perf_counter() - start
+        self.reload_seconds.append(seconds)
+        return seconds
+
+    def load_adapter(self, path: str | os.PathLike | None) -> None:
+        """Serve a LoRA adapter (a PEFT directory) on the base from now on; ``None`` serves the base alone. A new
+        adapter id every time: vLLM would serve a cached adapter again under a reused id."""
+        if path is None:
+            self.adapter = None
+            return
+        self._adapter_ids += 1
+        self.adapter = [f"adapter-{self._adapter_ids}", self._adapter_ids, str(path)]
+
+    def sleep(self) -> None:
+        """Free the engine's GPU memory (``enable_sleep_mode``) while the policy trains."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._call({"cmd": "sleep", "level": 1}, "sleep")
+
+    def wake(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._call({"cmd": "wake"}, "wake")
+
+    # -- the interface -----------------------------------------------------------------------------------
+
+    def generate(
+        self, prompts: Sequence[str], num_samples: Sequence[int], params: SamplingParams
+    ) -> list[list[Completion]]:
+        validate_request(prompts, num_samples, params)
+        start = time.perf_counter()
+        results: list[list[Completion]] = [[] for _ in prompts]
+        wanted = [i for i, n in enumerate(num_samples) if n > 0]
+        if wanted:
+            seeds = [
+                [
+                    None if params.seed is None else request_seed(params.seed, i, j)
+                    for j in range(num_samples[i])
+                ]
+                for i in wanted
+            ]
+            request = {
+                "cmd": "generate",
+                "prompts": [encode_prompt(self.tokenizer, prompts[i], i) for i in wanted],
+                "seeds": seeds,
+                "params": {
+                    "temperature": params.temperature,
+                    "top_p": params.top_p,
+                    "max_tokens": params.max_new_tokens,
+                    "stop": self.stop_strings,
+                },
+                "lora": self.adapter,
+            }
+            reply = self._call(request, "generate")
+            for i, completions in zip(wanted, reply["completions"]):
+                results[i] = [Completion(text, int(n), reason) for text, n, reason in completions]
+        self._record(results, time.perf_counter() - start)
+        return results

@@ -1,0 +1,163 @@
+"""The vLLM engine process: ``python vllm_worker.py``, driven by :class:`~trl_hsstar.sampling.VLLMSampler`.
+
+A standalone script (standard library + vLLM only), so it runs under any interpreter that has vLLM, including a
+separate virtual environment whose pins would conflict with TRL's. It talks JSON Lines: one request per line on
+stdin, one reply per line on the original stdout. Everything vLLM prints goes to stderr (the stdout file
+descriptor is pointed there), so logs can never corrupt a reply.
+
+Requests (``{"cmd": ..., ...}``) and what they do:
+
+- ``start``: build ``vllm.LLM(**engine)``;
+- ``generate``: ``prompts`` (token ids), ``seeds`` (one list per prompt, one seed per sample, or ``null``),
+  ``params`` (temperature, top_p, max_tokens, stop), optional ``lora`` ``[name, id, path]``; returns for each
+  prompt its completions ``[text, num_tokens, finish_reason]``;
+- ``reload``: load new weights from a checkpoint directory into the running engine
+  (``collective_rpc("reload_weights")``), then reset the prefix cache (without it, cached prefixes of the old
+  weights come back as garbage);
+- ``sleep`` / ``wake``: free and restore the engine's GPU memory while training runs;
+- ``ping``; ``close``.
+
+Every reply is ``{"ok": true, ...}`` or ``{"ok": false, "error": "<traceback>"}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+
+def _sampling_params(params: dict, seed, n: int = 1):
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        n=n,
+        temperature=float(params["temperature"]),
+        top_p=float(params["top_p"]) if params["temperature"] > 0 else 1.0,
+        top_k=params.get("top_k", -1),
+        max_tokens=int(params["max_tokens"]),
+        stop=params.get("stop") or None,
+        seed=seed,
+        skip_special_tokens=True,
+        repetition_penalty=1.0,
+    )
+
+
+def _retie_word_embeddings(worker) -> bool:
+    """Runs inside vLLM's worker after an in-place reload. With tied word embeddings the reload refills the input
+    embedding but leaves the output head with the old weights (the checkpoint has no separate head), so the two
+    are tied again here. Returns whether anything was tied."""
+    runner = worker.model_runner
+    model = runner.get_model() if hasattr(runner, "get_model") else runner.model
+    config = getattr(model, "config", None)
+    text_config = getattr(config, "text_config", None) or config
+    if not getattr(text_config, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False)):
+        return False
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+
+    heads = [m for m in model.modules() if isinstance(m, ParallelLMHead)]
+    embeddings = [
+        m
+        for m in model.modules()
+        if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)
+    ]
+    if len(heads) != 1 or len(embeddings) != 1 or heads[0].weight.shape != embeddings[0].weight.shape:
+        return False
+    head = heads[0]
+    if head.weight.data_ptr() != embeddings[0].weight.data_ptr():
+        head.weight.data.copy_(embeddings[0].weight.data)
+    # backends that prepare their own copy of the weight (vLLM's CPU build packs it for its GEMM) redo it
+    method = getattr(head, "quant_method", None)
+    if method is not None and hasattr(method, "process_weights_after_loading"):
+        method.process_weights_after_loading(head)
+    return True
+
+
+def _finish(output) -> list:
+    reason = "length" if output.finish_reason == "length" else "stop"
+    return [output.text, len(output.token_ids), reason]
+
+
+class Engine:
+    def __init__(self) -> None:
+        self.llm = None
+
+    def start(self, engine: dict) -> dict:
+        from vllm import LLM
+
+        self.llm = LLM(**engine)
+        return {"version": __import__("vllm").__version__}
+
+    def generate(self, prompts: list, seeds, params: dict, lora=None) -> dict:
+        from vllm.inputs import TokensPrompt
+
+        requests, sampling, owners = [], [], []
+        for i, ids in enumerate(prompts):
+            for seed in seeds[i]:
+                requests.append(TokensPrompt(prompt_token_ids=ids))
+                sampling.append(_sampling_params(params, seed))
+                owners.append(i)
+        kwargs = {}
+        if lora is not None:
+            from vllm.lora.request import LoRARequest
+
+            kwargs["lora_request"] = LoRARequest(lora[0], int(lora[1]), lora[2])
+        results: list[list] = [[] for _ in prompts]
+        if requests:
+            outputs = self.llm.generate(requests, sampling_params=sampling, use_tqdm=False, **kwargs)
+            for i, out in zip(owners, outputs):
+                results[i].append(_finish(out.outputs[0]))
+        return {"completions": results}
+
+    def reload(self, path: str) -> dict:
+        """Reload in place. A model with tied word embeddings needs its output head tied again, which takes a
+        function run in the engine's worker: possible when the engine runs in this process
+        (``VLLM_ENABLE_V1_MULTIPROCESSING=0``); otherwise the reply asks for a restart on the new weights."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
+        config = self.llm.llm_engine.model_config.hf_config
+        text_config = getattr(config, "text_config", None) or config
+        tied = bool(getattr(text_config, "tie_word_embeddings", False))
+        retied = False
+        if tied:
+            try:
+                retied = bool(self.llm.collective_rpc(_retie_word_embeddings)[0])
+            except Exception:
+                traceback.print_exc()
+        self.llm.reset_prefix_cache()
+        return {"tied": tied, "retied": retied, "needs_restart": tied and not retied}
+
+    def sleep(self, level: int = 1) -> dict:
+        self.llm.sleep(level=level)
+        return {}
+
+    def wake(self) -> dict:
+        self.llm.wake_up()
+        return {}
+
+
+def main() -> None:  # pragma: no cover - runs in the engine process
+    replies = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+    os.dup2(2, 1)  # anything printed to stdout (Python or C) goes to stderr
+    sys.stdout = sys.stderr
+    engine = Engine()
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        request = json.loads(line)
+        cmd = request.pop("cmd")
+        if cmd == "close":
+            replies.write(json.dumps({"ok": True}) + "\n")
+            break
+        try:
+            reply = {} if cmd == "ping" else getattr(engine, cmd)(**request)
+            reply["ok"] = True
+        except Exception:
+            reply = {"ok": False, "error": traceback.format_exc()}
+        replies.write(json.dumps(reply) + "\n")
+    replies.flush()
+    os._exit(0)  # vLLM's engine threads must not keep the process alive
+
+
+if __name__ == "__main__":
+    main()
