@@ -105,12 +105,13 @@ def run_candidate(sampler, verifier, problems, samples_per_prompt: int, params: 
     return end - start, tokens, generated - start, end - generated, sum(verdicts)
 
 
-def write_section(path: Path, section: str) -> None:
+def write_section(path: Path, section: str, start: str = START, end: str = END) -> None:
+    """Replace the section between the markers ``start`` and ``end`` of ``path`` (or append it)."""
     text = path.read_text() if path.exists() else INTRO
-    block = f"{START}\n{section.rstrip()}\n{END}"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
+    block = f"{start}\n{section.rstrip()}\n{end}"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
         text = head + block + tail
     else:
         text = text.rstrip() + "\n\n" + block + "\n"

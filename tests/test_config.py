@@ -66,8 +66,14 @@ def test_bf16_is_switched_off_without_an_accelerator(tmp_path):
         ({"train_levels": ["medium"]}, "`train_levels`"),
         ({"resample_levels": []}, "`resample_levels`"),
         ({"resample_levels": ["medium"]}, "`resample_levels`"),
-        ({"vllm_mode": "server"}, "`vllm_mode='server'`: .* external-server mode is not available yet"),
-        ({"vllm_server_base_url": "http://x:8000"}, "`vllm_server_base_url=.*` belongs to the external-server mode"),
+        ({"vllm_mode": "remote"}, "`vllm_mode` must be 'colocate' .* or 'server'"),
+        ({"vllm_server_base_url": "x:8000"}, "`vllm_server_base_url` must be an http"),
+        ({"vllm_server_port": 0}, "`vllm_server_port` must be a port number"),
+        ({"vllm_server_host": ""}, "`vllm_server_host` must name"),
+        (
+            {"vllm_mode": "server", "vllm_python": "/usr/bin/env"},
+            "`vllm_python` names the interpreter of an engine",
+        ),
         ({"vllm_gpu_memory_utilization": 1.5}, "`vllm_gpu_memory_utilization` must be in"),
         ({"vllm_python": "/no/such/python"}, "`vllm_python` .* does not exist"),
     ],
@@ -76,6 +82,23 @@ def test_bf16_is_switched_off_without_an_accelerator(tmp_path):
 def test_bad_values_are_named(cls, overrides, match, tmp_path):
     with pytest.raises(ValueError, match=match):
         cls(output_dir=str(tmp_path), **overrides)
+
+
+def test_the_server_mode_reads_trl_grpo_fields(tmp_path):
+    """A GRPO YAML's server fields carry over: the mode, the URL (or host and port) and the timeout."""
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "use_vllm: true\nvllm_mode: server\nvllm_server_base_url: http://10.0.0.5:8000\nvllm_server_timeout: 30\n"
+    )
+    (args,) = TrlParser((HSStarConfig,)).parse_args_and_config(
+        ["--config", str(config), "--output_dir", str(tmp_path)]
+    )
+    assert (args.use_vllm, args.vllm_mode, args.vllm_server_base_url) == (
+        True,
+        "server",
+        "http://10.0.0.5:8000",
+    )
+    assert args.vllm_server_timeout == 30
 
 
 def test_trl_parser_reads_yaml_and_command_line(tmp_path):

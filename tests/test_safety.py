@@ -304,7 +304,7 @@ def test_the_package_never_unpickles_or_evaluates():
 
 
 @pytest.mark.parametrize("cls", [HSStarConfig, HSStarDPOConfig])
-def test_reserved_server_host_defaults_to_loopback(cls, tmp_path):
+def test_the_server_host_defaults_to_loopback(cls, tmp_path):
     assert cls(output_dir=str(tmp_path)).vllm_server_host == "127.0.0.1"
     assert _VLLM_FIELDS["vllm_server_host"] == "127.0.0.1"
     defaults = {f.name: f.default for f in dataclasses.fields(HSStarArguments)}
@@ -315,17 +315,43 @@ ANY_ADDRESS = {"0.0.0.0", "::", "[::]"}
 
 
 def test_the_package_binds_nothing_to_all_interfaces():
+    """No all-interfaces address anywhere; the one ``bind`` is the free-port probe of the vLLM server launcher, on
+    the host it is given (loopback by default, see the next test)."""
     hits = []
     for path in sorted(PACKAGE.rglob("*.py")):
         source = path.read_text(encoding="utf-8")
-        for node in ast.walk(ast.parse(source)):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in ANY_ADDRESS:
-                hits.append((path.name, node.value))
-            if isinstance(node, ast.Attribute) and node.attr in {"bind", "listen"}:
-                hits.append((path.name, f".{node.attr}"))
+        tree = ast.parse(source)
+        for func in [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)] + [tree]:
+            for node in ast.walk(func):
+                if (
+                    isinstance(node, ast.Constant)
+                    and isinstance(node.value, str)
+                    and node.value in ANY_ADDRESS
+                ):
+                    hits.append((path.name, node.value))
+                if isinstance(node, ast.Attribute) and node.attr in {"bind", "listen"}:
+                    where = (path.name, getattr(func, "name", "<module>"))
+                    if where != ("vllm_server.py", "_free_port"):
+                        hits.append((*where, f".{node.attr}"))
         if "0.0.0.0" in source or "INADDR_ANY" in source:
             hits.append((path.name, "0.0.0.0 / INADDR_ANY"))
     assert not hits, hits
+
+
+def test_the_vllm_server_binds_to_loopback_unless_told_otherwise():
+    import inspect
+
+    from trl_hsstar.cli import make_parser
+    from trl_hsstar.sampling import launch_vllm_server
+    from trl_hsstar.sampling.vllm_server import server_command
+
+    assert inspect.signature(launch_vllm_server).parameters["host"].default == "127.0.0.1"
+    command = server_command("some/model")
+    assert command[command.index("--host") + 1] == "127.0.0.1"
+    args, _ = make_parser().parse_known_args(["vllm-serve", "--model", "m"])
+    assert args.host == "127.0.0.1"
+    command = server_command("m", host="10.1.2.3", port=9000)  # told otherwise
+    assert command[command.index("--host") + 1 :][:3] == ["10.1.2.3", "--port", "9000"]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")

@@ -119,6 +119,49 @@ def test_a_killed_engine_is_restarted_once_and_the_request_resent(engine, reason
         greedy(engine)  # max_restarts=1: the second death is reported, with the engine's log
 
 
+@pytest.mark.slow
+def test_lora_adapter_served_on_the_base_matches_peft(vllm_python, reasoner_dir, tmp_path):
+    """The iteration's LoRA adapter on the 16-bit base, never merged: greedy equal to PEFT token for token."""
+    from peft import LoraConfig, get_peft_model
+
+    from trl_hsstar.sampling import VLLMSampler
+
+    tok = AutoTokenizer.from_pretrained(reasoner_dir)
+    config = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj", "o_proj"],
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
+    torch.manual_seed(0)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(reasoner_dir), config)
+    with torch.no_grad():  # a small adapter: it changes some outputs, and keeps the model sensible
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.1)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    expected = greedy(TransformersSampler(peft_model, tok, progress=False))
+    assert expected != transformers_greedy(reasoner_dir), "the adapter must change some outputs"
+    sampler = VLLMSampler(
+        reasoner_dir,
+        tok,
+        python=vllm_python,
+        engine_kwargs={"seed": 0, "enable_lora": True, "max_loras": 2, "max_lora_rank": 8},
+        env=CPU_ENV,
+        log_path=tmp_path / "engine.log",
+    )
+    try:
+        assert greedy(sampler) == transformers_greedy(reasoner_dir)  # no adapter: the base
+        sampler.load_adapter(tmp_path / "adapter")
+        assert greedy(sampler) == expected
+        first_id = sampler.adapter[1]
+        sampler.load_adapter(tmp_path / "adapter")
+        assert sampler.adapter[1] != first_id  # a fresh id every time: vLLM caches adapters by id
+    finally:
+        sampler.close()
+
+
 def test_an_engine_that_cannot_start_fails_with_its_log(vllm_python, tmp_path):
     from trl_hsstar.sampling import EngineError, VLLMSampler
 
@@ -142,15 +185,31 @@ def _char_tokenizer():
 
 
 @pytest.mark.slow
-def test_two_iterations_with_the_engine_reloaded_each_iteration(
+def test_two_iterations_with_the_engine_reloaded_each_iteration_and_killed_mid_phase(
     vllm_python, reasoner_dir, tmp_path, monkeypatch
 ):
+    """The child engine through the whole loop: reloaded in place each iteration (it then serves exactly the
+    checkpoint the trainer saved), and SIGKILLed in the middle of iteration 0's re-sampling phase (it is
+    restarted, the chunk is sent again, and the phase resumes: nothing lost or repeated)."""
     from trl_hsstar import HSStarTrainer
     from trl_hsstar.callbacks import HSStarCallback
+    from trl_hsstar.sampling import VLLMSampler
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     problems = Dataset.from_dict(problems_to_dataset_dict(generate_problems(32, operands=(2, 5), seed=11)))
     checks = []
+    calls = {"n": 0, "killed": None}
+    real_generate = VLLMSampler.generate
+
+    def generate_and_kill(self, prompts, num_samples, params):
+        calls["n"] += 1
+        if calls["killed"] is None and calls["n"] == 5 and sum(num_samples) > 0:
+            # the engine dies with this chunk in flight (presamples: 2 chunks; the greedy check: 1; resamples: 2)
+            calls["killed"] = self.pid
+            os.killpg(self.pid, signal.SIGKILL)
+        return real_generate(self, prompts, num_samples, params)
+
+    monkeypatch.setattr(VLLMSampler, "generate", generate_and_kill)
 
     class CompareWithTransformers(HSStarCallback):
         """At the start of each iteration's sampling, the engine must serve the model the trainer holds."""
@@ -191,17 +250,269 @@ def test_two_iterations_with_the_engine_reloaded_each_iteration(
         reward_funcs=OracleStepReward(),
         callbacks=[CompareWithTransformers()],
     )
+    engines = []
+    monkeypatch.setattr(
+        trainer, "_start_vllm", lambda start=trainer._start_vllm: engines.append(start()) or engines[-1]
+    )
     trainer.train()
     assert checks == [(0, True), (1, True)]
+    assert calls["killed"] is not None and engines[0].restarts == 1  # killed once, restarted once
+    assert engines[0].reload_seconds and len(engines) == 1  # one engine for the run, reloaded in place
     for t in range(2):
         store = A.IterationArtifacts(tmp_path, t)
         stats = store.read_json(A.STATS)
         assert stats["sampler"] == "vllm"
         samples = store.read_jsonl(A.PRESAMPLES) + store.read_jsonl(A.RESAMPLES)
-        assert len({s["sample_id"] for s in samples}) == len(samples) == stats["budget_planned"] == 4 * 16
-        assert stats["budget_spent"] == stats["budget_planned"]
+        keys = [(s["problem_id"], s["slot"]) for s in samples]
+        assert len(set(keys)) == len({s["sample_id"] for s in samples}) == len(samples)
+        assert len(samples) == stats["budget_planned"] == stats["budget_spent"] == 4 * 16
+        levels = store.read_jsonl(A.LEVELS)  # every (problem, slot) the allocation asked for, exactly once
+        assert set(keys) == {(r["problem_id"], j) for r in levels for j in range(2 + r["resamples"])}
+        assert stats["generated_this_run"] == len(samples)
     assert (tmp_path / "vllm-0.log").exists()
     assert trainer._vllm is None  # the engine was closed
+
+
+@pytest.mark.slow
+def test_qlora_trains_in_4bit_while_the_engine_serves_the_16bit_base_and_the_adapter(
+    vllm_python, reasoner_dir, tmp_path
+):
+    """The consumer-GPU setup: the policy is a 4-bit base with LoRA; the engine holds the 16-bit base and, from
+    iteration 1 on, serves the adapter the previous iteration saved (never merged into 4-bit weights): its greedy
+    output equals PEFT's on the 16-bit base with that adapter, token for token."""
+    from peft import PeftModel
+    from trl import ModelConfig, get_peft_config, get_quantization_config
+
+    from trl_hsstar import HSStarTrainer
+    from trl_hsstar.callbacks import HSStarCallback
+
+    tok = AutoTokenizer.from_pretrained(reasoner_dir)
+    checks = []
+
+    class CompareWithPeft(HSStarCallback):
+        def on_levels_estimated(self, args, state, control, iteration=None, **kwargs):
+            if iteration == 0:
+                return
+            adapter = A.IterationArtifacts(args.output_dir, iteration - 1).model_dir
+            assert (adapter / "adapter_model.safetensors").exists() and not (
+                adapter / "model.safetensors"
+            ).exists()
+            peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(reasoner_dir), adapter)
+            expected = greedy(TransformersSampler(peft, tok, progress=False), PROMPTS[:4])
+            checks.append(greedy(trainer._vllm, PROMPTS[:4]) == expected)
+            checks.append(trainer._vllm.adapter[2] == str(adapter))
+
+    model_args = ModelConfig(
+        model_name_or_path=str(reasoner_dir),
+        load_in_4bit=True,
+        use_peft=True,
+        lora_r=4,
+        lora_alpha=8,
+        lora_target_modules=["q_proj", "v_proj"],
+        dtype="float32",
+    )
+    args = HSStarConfig(
+        output_dir=str(tmp_path / "run"),
+        num_iterations=2,
+        problems_per_iteration=12,
+        sampling_budget=4,
+        num_presamples=2,
+        max_completion_length=48,
+        learning_rate=1e-2,
+        per_device_train_batch_size=2,
+        reward_thresholds=[0.25, 0.5],
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        use_vllm=True,
+        vllm_python=vllm_python,
+        model_init_kwargs={
+            "dtype": torch.float32,
+            "quantization_config": get_quantization_config(model_args),
+        },
+        seed=0,
+    )
+    problems = Dataset.from_dict(problems_to_dataset_dict(generate_problems(24, operands=(2, 5), seed=14)))
+    trainer = HSStarTrainer(
+        model=str(reasoner_dir),
+        args=args,
+        train_dataset=problems,
+        reward_funcs=OracleStepReward(),
+        peft_config=get_peft_config(model_args),
+        callbacks=[CompareWithPeft()],
+    )
+    assert getattr(trainer.model.get_base_model(), "is_loaded_in_4bit", False)
+    trainer.train()
+    assert checks == [True, True]
+    stats = A.IterationArtifacts(tmp_path / "run", 1).read_json(A.STATS)
+    assert stats["sampler"] == "vllm" and stats["budget_spent"] == stats["budget_planned"] == 4 * 12
+
+
+# -- an external server (vllm_mode="server") --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(vllm_python, reasoner_dir, tmp_path_factory):
+    """A vLLM server started the way `hsstar vllm-serve` does, on 127.0.0.1 and a free port; stopped after."""
+    from trl_hsstar.sampling import launch_vllm_server
+
+    log = tmp_path_factory.mktemp("vllm-server") / "server.log"
+    env = {k: v for k, v in CPU_ENV.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    args = [
+        "--seed",
+        "0",
+        "--enable-prefix-caching",
+        "--enable-lora",
+        "--max-loras",
+        "2",
+        "--max-lora-rank",
+        "8",
+    ]
+    srv = launch_vllm_server(reasoner_dir, python=vllm_python, args=args, env=env, log_path=log, timeout=600)
+    assert srv.url.startswith("http://127.0.0.1:")
+    yield srv
+    srv.close()
+    assert srv.process.poll() is not None  # stopped
+
+
+def _client(server, reasoner_dir):
+    from trl_hsstar.sampling import VLLMServerSampler
+
+    return VLLMServerSampler(server.url, AutoTokenizer.from_pretrained(reasoner_dir), timeout=60)
+
+
+@pytest.mark.slow
+def test_server_greedy_matches_transformers_before_and_after_a_reload(server, reasoner_dir, tmp_path):
+    client = _client(server, reasoner_dir)
+    assert greedy(client) == transformers_greedy(reasoner_dir)
+    other = perturbed_copy(reasoner_dir, tmp_path / "other")
+    expected = transformers_greedy(other)
+    assert expected != transformers_greedy(reasoner_dir)
+    client.load_weights(other)  # POST /collective_rpc hsstar_reload, then /reset_prefix_cache
+    assert greedy(client) == expected
+    client.load_weights(reasoner_dir)
+    assert greedy(client) == transformers_greedy(reasoner_dir)
+    params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=32, seed=3)
+    first = client.generate(PROMPTS[:2], [16, 16], params)
+    assert [[c.text for c in cs] for cs in first] == [
+        [c.text for c in cs] for cs in client.generate(PROMPTS[:2], [16, 16], params)
+    ]  # a seed per sample: reproducible
+    assert all(len({c.text for c in cs}) > 4 for cs in first)  # and no shared draws
+
+
+@pytest.mark.slow
+def test_server_serves_the_lora_adapter_like_peft(server, reasoner_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    tok = AutoTokenizer.from_pretrained(reasoner_dir)
+    torch.manual_seed(1)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(reasoner_dir), config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.1)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    expected = greedy(TransformersSampler(peft_model, tok, progress=False))
+    assert expected != transformers_greedy(reasoner_dir)
+    client = _client(server, reasoner_dir)
+    client.load_adapter(tmp_path / "adapter")  # POST /v1/load_lora_adapter under a name of its own
+    assert greedy(client) == expected
+    other = _client(server, reasoner_dir)  # another process of the run: requests it without loading it again
+    other.load_adapter(tmp_path / "adapter", register=False)
+    assert other.adapter == client.adapter and greedy(other) == expected
+    client.load_adapter(None)
+    assert greedy(client) == transformers_greedy(reasoner_dir)
+
+
+@pytest.mark.slow
+def test_two_iterations_against_a_server(server, reasoner_dir, tmp_path):
+    from trl_hsstar import HSStarTrainer
+    from trl_hsstar.callbacks import HSStarCallback
+
+    problems = Dataset.from_dict(problems_to_dataset_dict(generate_problems(32, operands=(2, 5), seed=12)))
+    checks = []
+    probe = _client(server, reasoner_dir)
+
+    class CompareWithTransformers(HSStarCallback):
+        def on_levels_estimated(self, args, state, control, iteration=None, **kwargs):
+            model_dir = (
+                reasoner_dir
+                if iteration == 0
+                else A.IterationArtifacts(args.output_dir, iteration - 1).model_dir
+            )
+            checks.append(
+                (iteration, greedy(probe, PROMPTS[:3]) == transformers_greedy(model_dir, PROMPTS[:3]))
+            )
+
+    args = HSStarConfig(
+        output_dir=str(tmp_path / "run"),
+        num_iterations=2,
+        problems_per_iteration=16,
+        sampling_budget=4,
+        num_presamples=2,
+        max_completion_length=48,
+        learning_rate=1e-3,
+        per_device_train_batch_size=8,
+        reward_thresholds=[0.25, 0.5],
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        use_vllm=True,
+        vllm_mode="server",
+        vllm_server_base_url=server.url,
+        seed=0,
+    )
+    trainer = HSStarTrainer(
+        model=str(reasoner_dir),
+        args=args,
+        train_dataset=problems,
+        reward_funcs=OracleStepReward(),
+        callbacks=[CompareWithTransformers()],
+    )
+    trainer.train()
+    assert checks == [(0, True), (1, True)]
+    for t in range(2):
+        store = A.IterationArtifacts(tmp_path / "run", t)
+        stats = store.read_json(A.STATS)
+        assert stats["sampler"] == "vllm-server"
+        samples = store.read_jsonl(A.PRESAMPLES) + store.read_jsonl(A.RESAMPLES)
+        assert len({(s["problem_id"], s["slot"]) for s in samples}) == len(samples)
+        assert len(samples) == stats["budget_planned"] == stats["budget_spent"] == 4 * 16
+    probe.load_weights(reasoner_dir)  # leave the shared server as the other tests expect it
+
+
+def test_an_unreachable_server_fails_before_any_sampling(reasoner_dir, tmp_path):
+    """No vLLM needed: nothing listens on the port. The run stops with the URL and the fix, and samples nothing."""
+    import socket
+
+    from trl_hsstar import HSStarTrainer
+    from trl_hsstar.sampling import EngineError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free once closed: nothing listens there
+    args = HSStarConfig(
+        output_dir=str(tmp_path / "run"),
+        num_iterations=1,
+        problems_per_iteration=8,
+        sampling_budget=4,
+        num_presamples=2,
+        reward_thresholds=[0.25, 0.5],
+        report_to="none",
+        use_vllm=True,
+        vllm_mode="server",
+        vllm_server_port=port,
+        vllm_server_timeout=2,
+    )
+    problems = Dataset.from_dict(problems_to_dataset_dict(generate_problems(8, operands=(2, 3), seed=13)))
+    trainer = HSStarTrainer(
+        model=str(reasoner_dir), args=args, train_dataset=problems, reward_funcs=OracleStepReward()
+    )
+    with pytest.raises(EngineError, match=rf"127\.0\.0\.1:{port}.*vllm_server_base_url"):
+        trainer.train()
+    store = A.IterationArtifacts(tmp_path / "run", 0)
+    assert not store.path(A.PRESAMPLES).exists() and not list(store.dir.glob(".*.chunks*"))
 
 
 @pytest.mark.gpu

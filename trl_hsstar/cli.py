@@ -3,6 +3,9 @@
 ``hsstar train --config x.yaml [--field value ...]``
     Run the HS-STaR loop from a recipe YAML (the trainer follows the YAML's ``objective``: sft or dpo); the
     same as ``accelerate launch recipes/hsstar.py --config x.yaml``.
+``hsstar vllm-serve --model PATH [--python P] [--host 127.0.0.1] [--port 8000] [vllm serve arguments ...]``
+    Start a vLLM server that the loop can reload in place each iteration (``vllm_mode: server``): the dev
+    endpoints on, trl-hsstar's worker extension loaded, bound to loopback unless told otherwise.
 ``hsstar world``
     Print problems of the embedded arithmetic world with their reference rationales and step labels.
 
@@ -69,6 +72,37 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _vllm_serve(args: argparse.Namespace) -> int:
+    import time
+
+    from .sampling.vllm_server import launch_vllm_server
+
+    server = launch_vllm_server(
+        args.model,
+        python=args.python,
+        host=args.host,
+        port=args.port,
+        args=args.vllm_args,
+        log_path=args.log,
+        timeout=args.timeout,
+    )
+    print(
+        f"vLLM server for {args.model} at {server.url} (log: {server.log_path}); Ctrl-C stops it.", flush=True
+    )
+    print(
+        f"In the run's config: use_vllm: true, vllm_mode: server, vllm_server_base_url: {server.url}",
+        flush=True,
+    )
+    try:
+        while server.process.poll() is None:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    return server.process.returncode or 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hsstar",
@@ -99,6 +133,24 @@ def make_parser() -> argparse.ArgumentParser:
     )
     bench_parser.add_argument("bench_args", nargs=argparse.REMAINDER, help="see hsstar bench --help")
     bench_parser.set_defaults(func=_bench)
+    serve = sub.add_parser(
+        "vllm-serve",
+        help="start a vLLM server the loop reloads each iteration (vllm_mode: server)",
+        description=(
+            "Start vLLM's OpenAI-compatible server with what the HS-STaR loop needs: the dev endpoints "
+            "(VLLM_SERVER_DEV_MODE=1) for in-place reloads, the trl-hsstar worker extension, runtime LoRA loading. "
+            "Unknown arguments go to the server, e.g. --tensor-parallel-size 8 --enable-lora --max-lora-rank 64."
+        ),
+    )
+    serve.add_argument(
+        "--model", required=True, help="the policy's starting checkpoint (for LoRA: the 16-bit base)"
+    )
+    serve.add_argument("--python", default=None, help="interpreter with vLLM installed (default: this one)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--timeout", type=float, default=600.0, help="seconds the server may take to start")
+    serve.add_argument("--log", default=None, help="the server's log file (default: a temporary file)")
+    serve.set_defaults(func=_vllm_serve, vllm_args=[])
     world = sub.add_parser("world", help="print problems of the embedded arithmetic world")
     world.add_argument("--num-problems", type=int, default=3)
     world.add_argument("--max-operands", type=int, default=4)
@@ -116,7 +168,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["bench"]:  # everything after `bench` belongs to the benchmark's own parser
         return _bench(argparse.Namespace(bench_args=argv[1:]))
     parser = make_parser()
-    args = parser.parse_args(argv)
+    if argv[:1] == ["vllm-serve"]:  # arguments we do not know are the server's
+        args, extra = parser.parse_known_args(argv)
+        args.vllm_args = extra
+    else:
+        args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0

@@ -18,7 +18,7 @@ from .rewards import AGGREGATIONS
 
 __all__ = ["HSStarArguments", "HSStarConfig", "HSStarDPOConfig"]
 
-# TRL GRPO's vLLM field names and our defaults (the server ones are reserved until the external-server mode lands).
+# TRL GRPO's vLLM field names and our defaults.
 _VLLM_FIELDS = {
     "use_vllm": False,
     "vllm_mode": "colocate",
@@ -124,6 +124,16 @@ class HSStarArguments:
             `"colocate"`: the trainer owns a vLLM engine in a child process on the training machine, started once,
             given each iteration's checkpoint (or LoRA adapter) in place, and asleep while the policy trains if
             `vllm_enable_sleep_mode`. Each process of a multi-process run has its own engine.
+            `"server"`: an external vLLM server (`hsstar vllm-serve`, on other GPUs or another node, with tensor or
+            data parallelism) that every process sends its share of the samples to; the main process gives it
+            each iteration's checkpoint (or LoRA adapter) through its dev endpoints. The checkpoints in
+            `output_dir` must be readable by the server.
+        vllm_server_base_url (`str`, *optional*):
+            The server's URL, e.g. `"http://10.0.0.5:8000"`. Overrides `vllm_server_host` and `vllm_server_port`.
+        vllm_server_host (`str`, *optional*, defaults to `"127.0.0.1"`):
+            The server's host, when `vllm_server_base_url` is not set.
+        vllm_server_port (`int`, *optional*, defaults to `8000`):
+            The server's port, when `vllm_server_base_url` is not set.
         vllm_python (`str`, *optional*):
             The Python interpreter that runs the engine: one with vLLM installed, e.g. a separate virtual
             environment whose pins would conflict with TRL's. Default: this interpreter.
@@ -136,7 +146,8 @@ class HSStarArguments:
         vllm_enable_sleep_mode (`bool`, *optional*, defaults to `False`):
             Put the engine to sleep (its GPU memory freed) during each training pass.
         vllm_server_timeout (`float`, *optional*, defaults to `240.0`):
-            Seconds the engine may take to start before the run stops with its log.
+            Seconds the engine may take to start (or the server to answer) before the run stops with a clear error,
+            before any sampling.
     """
 
     # iterations
@@ -207,22 +218,28 @@ class HSStarArguments:
         default=False, metadata={"help": "Sample with vLLM instead of transformers generate."}
     )
     vllm_mode: str = field(
-        default="colocate", metadata={"help": "'colocate': an engine the trainer owns, in a child process."}
+        default="colocate",
+        metadata={
+            "help": "'colocate': an engine the trainer owns, in a child process; 'server': an external vLLM server.",
+            "choices": ["colocate", "server"],
+        },
     )
     vllm_python: str | None = field(
         default=None, metadata={"help": "Interpreter with vLLM that runs the engine (default: this one)."}
     )
     vllm_server_base_url: str | None = field(
-        default=None, metadata={"help": "Reserved for the external-server mode (not available yet)."}
+        default=None,
+        metadata={"help": "URL of the vLLM server (vllm_mode='server'); overrides host and port."},
     )
     vllm_server_host: str = field(
-        default="127.0.0.1", metadata={"help": "Reserved for the external-server mode (not available yet)."}
+        default="127.0.0.1", metadata={"help": "Host of the vLLM server, without vllm_server_base_url."}
     )
     vllm_server_port: int = field(
-        default=8000, metadata={"help": "Reserved for the external-server mode (not available yet)."}
+        default=8000, metadata={"help": "Port of the vLLM server, without vllm_server_base_url."}
     )
     vllm_server_timeout: float = field(
-        default=240.0, metadata={"help": "Seconds the vLLM engine may take to start."}
+        default=240.0,
+        metadata={"help": "Seconds the vLLM engine may take to start (or the server to answer)."},
     )
     vllm_gpu_memory_utilization: float = field(
         default=0.3, metadata={"help": "Share of the GPU memory the vLLM engine may take."}
@@ -293,18 +310,23 @@ class HSStarArguments:
                 raise ValueError(f"`{name}` must be a non-empty list of {levels}, got {value!r}.")
         if not self.answer_column:
             raise ValueError("`answer_column` must name the dataset column with the reference answers.")
-        if self.vllm_mode != "colocate":
+        if self.vllm_mode not in ("colocate", "server"):
             raise ValueError(
-                f"`vllm_mode={self.vllm_mode!r}`: this version of trl-hsstar runs vLLM as an engine the trainer "
-                "owns (`vllm_mode='colocate'`); the external-server mode is not available yet."
+                f"`vllm_mode` must be 'colocate' (an engine the trainer owns) or 'server' (an external vLLM "
+                f"server), got {self.vllm_mode!r}."
             )
-        for name in ("vllm_server_base_url", "vllm_server_host", "vllm_server_port"):
-            value = getattr(self, name)
-            if value != _VLLM_FIELDS[name]:
-                raise ValueError(
-                    f"`{name}={value!r}` belongs to the external-server mode, which is not available yet: remove it "
-                    "(the field is reserved under TRL GRPO's name so that your config carries over)."
-                )
+        if self.vllm_server_base_url is not None and not str(self.vllm_server_base_url).startswith(
+            ("http://", "https://")
+        ):
+            raise ValueError(
+                f"`vllm_server_base_url` must be an http(s) URL such as 'http://127.0.0.1:8000', got "
+                f"{self.vllm_server_base_url!r}."
+            )
+        if not self.vllm_server_host:
+            raise ValueError("`vllm_server_host` must name the server's host, e.g. '127.0.0.1'.")
+        port = self.vllm_server_port
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise ValueError(f"`vllm_server_port` must be a port number in 1..65535, got {port!r}.")
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
             raise ValueError(
                 f"`vllm_gpu_memory_utilization` must be in (0, 1], got {self.vllm_gpu_memory_utilization!r}."
@@ -313,6 +335,12 @@ class HSStarArguments:
         positive_int("vllm_max_model_length", allow_none=True)
         if not self.vllm_server_timeout > 0:
             raise ValueError(f"`vllm_server_timeout` must be positive, got {self.vllm_server_timeout!r}.")
+        if self.vllm_python is not None and self.vllm_mode == "server":
+            raise ValueError(
+                "`vllm_python` names the interpreter of an engine the trainer starts (`vllm_mode='colocate'`); with "
+                "`vllm_mode='server'` the server runs on its own: remove `vllm_python`, or start the server with "
+                "`hsstar vllm-serve --python ...`."
+            )
         if self.vllm_python is not None and not os.path.exists(self.vllm_python):
             raise ValueError(
                 f"`vllm_python` ({self.vllm_python}) does not exist: give the interpreter of an environment with "

@@ -440,10 +440,18 @@ class _HSStarLoop:
 
     def _start_vllm(self):
         """The vLLM sampler of this run: an engine on the starting checkpoint (the 16-bit base for LoRA/QLoRA,
-        whose adapter is served on top; nothing is ever merged into quantized weights)."""
+        whose adapter is served on top; nothing is ever merged into quantized weights), or the external server,
+        checked to answer before any sampling."""
         from .sampling.vllm_sampler import VLLMSampler
 
         args = self.args
+        if args.vllm_mode == "server":
+            from .sampling.vllm_server import VLLMServerSampler
+
+            url = args.vllm_server_base_url or f"http://{args.vllm_server_host}:{args.vllm_server_port}"
+            sampler = VLLMServerSampler(url, self.processing_class, timeout=args.vllm_server_timeout)
+            sampler.wait_ready()
+            return sampler
         base = _model_name(self.model)
         if not base:
             raise ValueError(
@@ -483,17 +491,36 @@ class _HSStarLoop:
         )
 
     def _sync_vllm(self, iteration: int) -> None:
-        """Give the engine the policy iteration ``iteration`` samples from: the last completed iteration's model."""
-        if self._vllm is None:
+        """Give the engine the policy iteration ``iteration`` samples from: the last completed iteration's model
+        (its LoRA adapter, for a PEFT model). A server is shared by every process: the main one loads, the others
+        wait and then request the same adapter."""
+        if self._vllm is None or iteration == 0:
             return
-        previous = (
-            A.IterationArtifacts(self.args.output_dir, iteration - 1).model_dir if iteration > 0 else None
-        )
+        previous = A.IterationArtifacts(self.args.output_dir, iteration - 1).model_dir
+        shared = self.args.vllm_mode == "server"
+        main = self.accelerator.is_main_process
         if self._is_peft():
-            if previous is not None and (self._vllm.adapter or [None, None, None])[2] != str(previous):
+            if not shared:
                 self._vllm.load_adapter(previous)
-        elif previous is not None:
-            self._vllm.load_weights(previous)
+            else:
+                if main:
+                    self._vllm.load_adapter(previous)
+                self.accelerator.wait_for_everyone()
+                if not main:
+                    self._vllm.load_adapter(previous, register=False)
+        else:
+            if main or not shared:
+                self._vllm.load_weights(previous)
+            if shared:
+                self.accelerator.wait_for_everyone()
+
+    def _vllm_sleep(self, sleep: bool) -> None:
+        """Free (``sleep``) or restore the engine's GPU memory around a training pass (`vllm_enable_sleep_mode`)."""
+        if self._vllm is None or not self.args.vllm_enable_sleep_mode:
+            return
+        if self.args.vllm_mode == "server" and not self.accelerator.is_main_process:
+            return
+        self._vllm.sleep() if sleep else self._vllm.wake()
 
     def _render(self, prompt: Any) -> str:
         if isinstance(prompt, str):
@@ -665,11 +692,9 @@ class _HSStarLoop:
                 )
                 stats = {"iteration": t, "sampler": sampler.name, **result.stats}
                 if stats["rows"] and not self._hsstar_control.should_training_stop:
-                    if self._vllm is not None and args.vllm_enable_sleep_mode:
-                        self._vllm.sleep()  # its GPU memory goes to training
+                    self._vllm_sleep(True)  # its GPU memory goes to training
                     output = self._train_pass(store, t, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
-                    if self._vllm is not None and args.vllm_enable_sleep_mode:
-                        self._vllm.wake()
+                    self._vllm_sleep(False)
                     stats["train_loss"] = output.training_loss
                     stats["train_steps"] = output.global_step
                     stats["train_runtime"] = output.metrics.get("train_runtime")

@@ -1,8 +1,9 @@
 """Samplers: generate ``num_samples[i]`` completions for each already-rendered prompt.
 
 :class:`Sampler` is the interface (:mod:`trl_hsstar.sampling.base`, standard library only); each backend
-is one module: :class:`TransformersSampler` (``model.generate``) and :class:`VLLMSampler` (a vLLM engine in a child
-process, possibly under another interpreter). Backends are imported lazily, so
+is one module: :class:`TransformersSampler` (``model.generate``), :class:`VLLMSampler` (a vLLM engine in a child
+process, possibly under another interpreter) and :class:`VLLMServerSampler` (an external ``vllm serve``, started
+with :func:`launch_vllm_server` or ``hsstar vllm-serve``). Backends are imported lazily, so
 ``from trl_hsstar.sampling import Sampler, SamplingParams`` does not import torch.
 """
 
@@ -16,11 +17,15 @@ from .base import Completion, Sampler, SamplingParams, SamplingStats, expand_req
 if TYPE_CHECKING:  # pragma: no cover
     from .transformers_sampler import TransformersSampler
     from .vllm_sampler import EngineError, VLLMSampler
+    from .vllm_server import VLLMServer, VLLMServerSampler, launch_vllm_server
 
 _LAZY = {
     "TransformersSampler": "transformers_sampler",
     "VLLMSampler": "vllm_sampler",
     "EngineError": "vllm_sampler",
+    "VLLMServer": "vllm_server",
+    "VLLMServerSampler": "vllm_server",
+    "launch_vllm_server": "vllm_server",
 }
 
 __all__ = [
@@ -31,7 +36,10 @@ __all__ = [
     "SamplingStats",
     "TransformersSampler",
     "VLLMSampler",
+    "VLLMServer",
+    "VLLMServerSampler",
     "expand_requests",
+    "launch_vllm_server",
     "validate_request",
 ]
 

@@ -1,10 +1,10 @@
 """Sampling with vLLM in an engine process the sampler owns, kept alive across iterations.
 
-The engine runs :mod:`trl_hsstar.sampling.vllm_worker` as a child process, under this interpreter or another
+The engine runs :mod:`trl_hsstar.sampling.vllm_ext.hsstar_vllm` as a child process, under this interpreter or another
 one (``python=``: a virtual environment with vLLM whose pins would fight TRL's). The weights of an HS-STaR policy
 change once per iteration, not once per step, so the engine is started once and given each iteration's saved
-checkpoint with :meth:`VLLMSampler.load_weights` (an in-place reload that takes well under a second, followed by a
-prefix-cache reset), or each iteration's LoRA adapter with :meth:`VLLMSampler.load_adapter` (served on the 16-bit
+checkpoint with :meth:`VLLMSampler.load_weights` (an in-place reload that takes well under a second, tied
+embeddings tied again, followed by a prefix-cache reset), or each iteration's LoRA adapter with :meth:`VLLMSampler.load_adapter` (served on the 16-bit
 base, never merged into quantized weights).
 
 Prompts are tokenized here, with the same rule as the transformers backend
@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from . import vllm_ext
 from .base import (
     Completion,
     Sampler,
@@ -44,7 +45,36 @@ from .base import (
 
 __all__ = ["EngineError", "EngineTimeout", "VLLMSampler"]
 
-WORKER = Path(__file__).with_name("vllm_worker.py")
+WORKER = Path(vllm_ext.PATH) / "hsstar_vllm.py"
+
+
+def vllm_env(extra: dict | None = None) -> dict:
+    """The environment of a process that runs vLLM for trl-hsstar: this one's, plus ``extra``, with the worker
+    extension's folder first on ``PYTHONPATH`` (so that vLLM imports ``hsstar_vllm.WorkerExtension`` in every
+    process it starts)."""
+    env = dict(os.environ)
+    env.update(extra or {})
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (vllm_ext.PATH, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def vllm_request(tokenizer, prompts: Sequence[str], num_samples: Sequence[int], params: SamplingParams, stop):
+    """What every vLLM backend sends for one request: the indices of the prompts with samples, their token ids
+    (:func:`~trl_hsstar.sampling.base.encode_prompt`, the same tokens as the transformers backend), one seed per
+    sample (:func:`~trl_hsstar.sampling.base.request_seed`, or ``None`` unseeded) and vLLM's sampling fields."""
+    wanted = [i for i, n in enumerate(num_samples) if n > 0]
+    ids = [encode_prompt(tokenizer, prompts[i], i) for i in wanted]
+    seeds = [
+        [None if params.seed is None else request_seed(params.seed, i, j) for j in range(num_samples[i])]
+        for i in wanted
+    ]
+    fields = {
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "max_tokens": params.max_new_tokens,
+        "stop": list(stop or []),
+    }
+    return wanted, ids, seeds, fields
 
 
 class EngineError(RuntimeError):
@@ -138,8 +168,7 @@ class VLLMSampler(Sampler):
         :meth:`load_weights` starts from those weights."""
         if self._proc is not None and self._proc.poll() is None:
             return
-        env = dict(os.environ)
-        env.update(self.env)
+        env = vllm_env(self.env)
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
                 [self.python, str(WORKER)],
@@ -238,12 +267,7 @@ class VLLMSampler(Sampler):
         if self._proc is None or self._proc.poll() is not None:
             return 0.0  # the engine loads it when it starts
         start = time.perf_counter()
-        reply = self._call({"cmd": "reload", "path": path}, "reload")
-        if reply.get(
-            "needs_restart"
-        ):  # tied embeddings the engine could not tie again in place: a fresh engine
-            self._kill()
-            self.start()
+        self._call({"cmd": "reload", "path": path}, "reload")
         seconds = time.perf_counter() - start
         self.reload_seconds.append(seconds)
         return seconds
@@ -274,25 +298,15 @@ class VLLMSampler(Sampler):
         validate_request(prompts, num_samples, params)
         start = time.perf_counter()
         results: list[list[Completion]] = [[] for _ in prompts]
-        wanted = [i for i, n in enumerate(num_samples) if n > 0]
+        wanted, ids, seeds, fields = vllm_request(
+            self.tokenizer, prompts, num_samples, params, self.stop_strings
+        )
         if wanted:
-            seeds = [
-                [
-                    None if params.seed is None else request_seed(params.seed, i, j)
-                    for j in range(num_samples[i])
-                ]
-                for i in wanted
-            ]
             request = {
                 "cmd": "generate",
-                "prompts": [encode_prompt(self.tokenizer, prompts[i], i) for i in wanted],
+                "prompts": ids,
                 "seeds": seeds,
-                "params": {
-                    "temperature": params.temperature,
-                    "top_p": params.top_p,
-                    "max_tokens": params.max_new_tokens,
-                    "stop": self.stop_strings,
-                },
+                "params": fields,
                 "lora": self.adapter,
             }
             reply = self._call(request, "generate")

@@ -1,9 +1,18 @@
-"""The vLLM engine process: ``python vllm_worker.py``, driven by :class:`~trl_hsstar.sampling.VLLMSampler`.
+"""What runs inside vLLM: the engine process of :class:`~trl_hsstar.sampling.VLLMSampler` and the worker extension.
 
-A standalone script (standard library + vLLM only), so it runs under any interpreter that has vLLM, including a
-separate virtual environment whose pins would conflict with TRL's. It talks JSON Lines: one request per line on
-stdin, one reply per line on the original stdout. Everything vLLM prints goes to stderr (the stdout file
-descriptor is pointed there), so logs can never corrupt a reply.
+A standalone module (standard library + vLLM only), so it runs under any interpreter that has vLLM, including a
+separate virtual environment whose pins would conflict with TRL's.
+
+:class:`WorkerExtension` is given to vLLM as ``worker_extension_cls="hsstar_vllm.WorkerExtension"`` (the engine of
+:class:`~trl_hsstar.sampling.VLLMSampler` and a server started by :func:`~trl_hsstar.sampling.launch_vllm_server`
+both do it, with this folder on ``PYTHONPATH``). It adds one call to vLLM's workers, ``hsstar_reload``: an in-place
+reload of a checkpoint directory that also re-ties tied word embeddings (vLLM's own ``reload_weights`` refills the
+input embedding and leaves the output head with the old weights). It is reached with ``collective_rpc``, in process
+or through a server's ``POST /collective_rpc`` (``VLLM_SERVER_DEV_MODE=1``).
+
+``python hsstar_vllm.py`` is the engine process. It talks JSON Lines: one request per line on stdin, one reply
+per line on the original stdout. Everything vLLM prints goes to stderr (the stdout file descriptor is pointed
+there), so logs can never corrupt a reply.
 
 Requests (``{"cmd": ..., ...}``) and what they do:
 
@@ -12,7 +21,7 @@ Requests (``{"cmd": ..., ...}``) and what they do:
   ``params`` (temperature, top_p, max_tokens, stop), optional ``lora`` ``[name, id, path]``; returns for each
   prompt its completions ``[text, num_tokens, finish_reason]``;
 - ``reload``: load new weights from a checkpoint directory into the running engine
-  (``collective_rpc("reload_weights")``), then reset the prefix cache (without it, cached prefixes of the old
+  (``collective_rpc("hsstar_reload")``), then reset the prefix cache (without it, cached prefixes of the old
   weights come back as garbage);
 - ``sleep`` / ``wake``: free and restore the engine's GPU memory while training runs;
 - ``ping``; ``close``.
@@ -44,7 +53,7 @@ def _sampling_params(params: dict, seed, n: int = 1):
     )
 
 
-def _retie_word_embeddings(worker) -> bool:
+def retie_word_embeddings(worker) -> bool:
     """Runs inside vLLM's worker after an in-place reload. With tied word embeddings the reload refills the input
     embedding but leaves the output head with the old weights (the checkpoint has no separate head), so the two
     are tied again here. Returns whether anything was tied."""
@@ -74,6 +83,18 @@ def _retie_word_embeddings(worker) -> bool:
     return True
 
 
+class WorkerExtension:
+    """Mixed into vLLM's worker class (``worker_extension_cls``): the calls trl-hsstar makes with ``collective_rpc``.
+
+    Only string arguments, so that the call also works through a server's ``POST /collective_rpc``.
+    """
+
+    def hsstar_reload(self, weights_path: str) -> dict:
+        """Reload the weights in place from a checkpoint directory and re-tie tied word embeddings."""
+        self.reload_weights(weights_path=weights_path)
+        return {"retied": retie_word_embeddings(self)}
+
+
 def _finish(output) -> list:
     reason = "length" if output.finish_reason == "length" else "stop"
     return [output.text, len(output.token_ids), reason]
@@ -86,6 +107,7 @@ class Engine:
     def start(self, engine: dict) -> dict:
         from vllm import LLM
 
+        engine.setdefault("worker_extension_cls", "hsstar_vllm.WorkerExtension")
         self.llm = LLM(**engine)
         return {"version": __import__("vllm").__version__}
 
@@ -111,21 +133,10 @@ class Engine:
         return {"completions": results}
 
     def reload(self, path: str) -> dict:
-        """Reload in place. A model with tied word embeddings needs its output head tied again, which takes a
-        function run in the engine's worker: possible when the engine runs in this process
-        (``VLLM_ENABLE_V1_MULTIPROCESSING=0``); otherwise the reply asks for a restart on the new weights."""
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
-        config = self.llm.llm_engine.model_config.hf_config
-        text_config = getattr(config, "text_config", None) or config
-        tied = bool(getattr(text_config, "tie_word_embeddings", False))
-        retied = False
-        if tied:
-            try:
-                retied = bool(self.llm.collective_rpc(_retie_word_embeddings)[0])
-            except Exception:
-                traceback.print_exc()
+        """Reload in place on every worker (tied embeddings tied again), then reset the prefix cache."""
+        results = self.llm.collective_rpc("hsstar_reload", kwargs={"weights_path": path})
         self.llm.reset_prefix_cache()
-        return {"tied": tied, "retied": retied, "needs_restart": tied and not retied}
+        return {"retied": bool(results and results[0].get("retied"))}
 
     def sleep(self, level: int = 1) -> dict:
         self.llm.sleep(level=level)

@@ -1,0 +1,277 @@
+"""The vLLM backends against a bare ``vllm.LLM.generate``, against the transformers backend, and the reload cost.
+
+Targets (issue: vLLM generation for the loop): :class:`~trl_hsstar.sampling.VLLMSampler` (the engine the trainer
+owns, in a child process) at >= 0.9x the throughput of a bare ``LLM.generate`` over the same token ids, seeds and
+sampling settings; the in-place reload per iteration against a fresh engine per iteration.
+
+Every side gets the same request: ``--num-prompts`` toy prompts x ``--samples-per-prompt`` samples, prompts as
+token ids, one seed per sample. The bare baseline (``benchmarks/vllm_bare.py``) times ``LLM.generate`` inside its
+own process; the candidates are timed from this process, so they include tokenizing, the pipe or HTTP and
+decoding the reply. All engines are started first and stay up; then the sides run in turn, ``--repeats`` rounds
+after one warm-up each; medians.
+
+    HSSTAR_VLLM_PYTHON=/path/to/vllm-venv/bin/python python benchmarks/bench_vllm.py --server
+    python benchmarks/bench_vllm.py --vllm-python ... --server --output docs/benchmarks.md   # (re)write its section
+
+Run it on an otherwise idle machine: the load average before and after is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from bench_sampling import cpu_model, write_section
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from trl_hsstar.sampling import SamplingParams, TransformersSampler, VLLMSampler
+from trl_hsstar.sampling.vllm_sampler import vllm_env, vllm_request
+from trl_hsstar.sampling.vllm_server import VLLMServerSampler, launch_vllm_server
+from trl_hsstar.toy import generate_problems
+from trl_hsstar.toy.world import toy_reasoner_path
+
+START, END = "<!-- bench_vllm:start -->", "<!-- bench_vllm:end -->"
+BARE = Path(__file__).with_name("vllm_bare.py")
+
+
+def perturbed_copy(src: Path, dst: Path, scale: float = 0.02) -> Path:
+    model = AutoModelForCausalLM.from_pretrained(src)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+    model.save_pretrained(dst)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    return dst
+
+
+class Bare:
+    """The bare ``LLM.generate`` process; :meth:`run` returns (seconds, tokens) measured inside it."""
+
+    def __init__(self, python: str, request: dict, env: dict, log: Path):
+        path = log.with_suffix(".json")
+        path.write_text(json.dumps(request))
+        start = time.perf_counter()
+        with open(log, "ab") as stderr:
+            self.proc = subprocess.Popen(
+                [python, str(BARE), str(path)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                env=vllm_env(env),
+                text=True,
+            )
+        line = self.proc.stdout.readline()
+        if line.strip() != "ready":
+            raise RuntimeError(f"the bare vLLM process did not start; see {log}")
+        self.start_seconds = time.perf_counter() - start
+
+    def run(self) -> tuple[float, int]:
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        reply = json.loads(self.proc.stdout.readline())
+        return reply["seconds"], reply["tokens"]
+
+    def close(self) -> None:
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.flush()
+        self.proc.wait(60)
+
+
+def timed(sampler, prompts, counts, params) -> tuple[float, int]:
+    start = time.perf_counter()
+    out = sampler.generate(prompts, counts, params)
+    return time.perf_counter() - start, sum(c.num_tokens for cs in out for c in cs)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--vllm-python", default=os.environ.get("HSSTAR_VLLM_PYTHON"))
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--samples-per-prompt", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--reloads", type=int, default=6, help="in-place reloads timed, alternating 2 checkpoints"
+    )
+    parser.add_argument(
+        "--server", action="store_true", help="also time VLLMServerSampler against a vllm server"
+    )
+    parser.add_argument("--output", type=Path, default=None, help="markdown file whose section to (re)write")
+    args = parser.parse_args(argv)
+    if not args.vllm_python:
+        parser.error(
+            "--vllm-python (or HSSTAR_VLLM_PYTHON): the interpreter of a virtual environment with vLLM"
+        )
+
+    load_before = os.getloadavg()
+    work = Path(tempfile.mkdtemp(prefix="bench-vllm-"))
+    model_dir = Path(toy_reasoner_path())
+    other = perturbed_copy(model_dir, work / "other")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    problems = generate_problems(args.num_prompts, operands=(2, 4), seed=0)
+    prompts = [p.prompt for p in problems]
+    counts = [args.samples_per_prompt] * len(prompts)
+    params = SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=0
+    )
+    _, ids, seeds, fields = vllm_request(tok, prompts, counts, params, [])
+    cores = os.cpu_count() or 1
+    env = {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CPU_OMP_THREADS_BIND": f"0-{max(1, cores) - 1}",
+    }
+    engine = {"model": str(model_dir), "seed": 0, "enable_prefix_caching": True}
+
+    sides: dict[str, object] = {}
+    bare = Bare(
+        args.vllm_python,
+        {"engine": engine, "prompts": ids, "seeds": seeds, "params": fields},
+        env,
+        work / "bare.log",
+    )
+    sampler = VLLMSampler(
+        model_dir,
+        tok,
+        python=args.vllm_python,
+        engine_kwargs={k: v for k, v in engine.items() if k != "model"},
+        env=env,
+        log_path=work / "engine.log",
+    )
+    t = time.perf_counter()
+    sampler.start()
+    engine_start = time.perf_counter() - t
+    sides["bare LLM.generate"] = bare.run
+    sides["VLLMSampler (child engine)"] = lambda: timed(sampler, prompts, counts, params)
+    server = client = None
+    if args.server:
+        server_env = {k: v for k, v in env.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+        t = time.perf_counter()
+        server = launch_vllm_server(
+            model_dir,
+            python=args.vllm_python,
+            args=["--seed", "0", "--enable-prefix-caching"],
+            env=server_env,
+            log_path=work / "server.log",
+        )
+        server_start = time.perf_counter() - t
+        client = VLLMServerSampler(server.url, tok)
+        client.wait_ready()
+        sides["VLLMServerSampler (vllm serve, HTTP)"] = lambda: timed(client, prompts, counts, params)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    hf = TransformersSampler(model, tok, batch_size=64, progress=False)
+    sides["TransformersSampler (generate)"] = lambda: timed(hf, prompts, counts, params)
+
+    runs: dict[str, list[tuple[float, int]]] = {name: [] for name in sides}
+    for run in sides.values():  # warm-up
+        run()
+    for _ in range(args.repeats):
+        for name, run in sides.items():
+            runs[name].append(run())
+
+    reloads = [sampler.load_weights(other if i % 2 == 0 else model_dir) for i in range(args.reloads)]
+    server_reloads = (
+        [client.load_weights(str(other if i % 2 == 0 else model_dir)) for i in range(args.reloads)]
+        if client
+        else []
+    )
+    # the fallback: a fresh engine per iteration (close, start on the new checkpoint)
+    t = time.perf_counter()
+    sampler.close()
+    fresh = VLLMSampler(
+        other, tok, python=args.vllm_python, engine_kwargs={"seed": 0}, env=env, log_path=work / "fresh.log"
+    )
+    fresh.start()
+    fresh_seconds = time.perf_counter() - t
+    fresh.close()
+    bare.close()
+    if server is not None:
+        server.close()
+    load_after = os.getloadavg()
+
+    n = len(prompts) * args.samples_per_prompt
+    base = statistics.median(s for s, _ in runs["bare LLM.generate"])
+    rows = []
+    for name, values in runs.items():
+        secs = statistics.median(s for s, _ in values)
+        toks = statistics.median(k for _, k in values)
+        rows.append(
+            f"| {name} | {secs:.3f} ({min(s for s, _ in values):.3f} - {max(s for s, _ in values):.3f}) | "
+            f"{n / secs:.0f} | {toks / secs:.0f} | **{base / secs:.2f}x** |"
+        )
+    result = {
+        "runs": runs,
+        "reload_seconds": reloads,
+        "server_reload_seconds": server_reloads,
+        "engine_start_seconds": engine_start,
+        "bare_start_seconds": bare.start_seconds,
+        "fresh_engine_seconds": fresh_seconds,
+    }
+    command = "python benchmarks/bench_vllm.py" + "".join(
+        f" {a}" for a in (sys.argv[1:] if argv is None else argv) if not str(a).endswith("python")
+    )
+    reload_line = (
+        f"In-place reload of a new checkpoint (`VLLMSampler.load_weights`: `hsstar_reload` in the engine, tied "
+        f"embeddings re-tied, prefix cache reset), median of {args.reloads}: **{statistics.median(reloads):.3f} s** "
+        f"(min {min(reloads):.3f}, max {max(reloads):.3f})"
+    )
+    if server_reloads:
+        reload_line += (
+            f"; through the server's dev endpoints (`VLLMServerSampler.load_weights`): "
+            f"**{statistics.median(server_reloads):.3f} s**"
+        )
+    reload_line += (
+        f". The fallback, a fresh engine per iteration (close, then start on the new checkpoint): "
+        f"**{fresh_seconds:.1f} s**. First start of the child engine: {engine_start:.1f} s"
+    )
+    if args.server:
+        reload_line += f"; of the server: {server_start:.1f} s"
+    section = f"""## vLLM backends (`benchmarks/bench_vllm.py`)
+
+Target: `VLLMSampler` (the engine the trainer owns, in a child process under the vLLM environment's interpreter)
+at >= 0.9x the throughput of a bare `vllm.LLM.generate` on the same request. Every side gets the same
+{args.num_prompts} toy prompts x {args.samples_per_prompt} samples = {n} samples (prompts as token ids, one seed
+per sample, temperature {args.temperature}, top-p {args.top_p}, `max_new_tokens={args.max_new_tokens}`), on the
+toy reasoner (hidden 64, float32). The bare baseline is timed inside its own process; the candidates from the
+training process, so they include tokenizing, the pipe (or HTTP) and decoding. All engines stay up; the sides run
+in turn, {args.repeats} rounds after one warm-up each; medians.
+
+```bash
+{command} --vllm-python <venv with vllm-cpu>/bin/python
+```
+
+| side | seconds per run (min - max) | samples/s | tokens/s | bare / side |
+|---|---:|---:|---:|---:|
+{chr(10).join(rows)}
+
+{reload_line}.
+
+On this CPU the transformers backend beats vLLM's CPU build for a model this small; vLLM pays off at GPU scale.
+Environment: {cpu_model()}, {cores} cores, vLLM's CPU build (`vllm-cpu`) with `VLLM_CPU_OMP_THREADS_BIND=0-{cores - 1}`,
+`VLLM_CPU_KVCACHE_SPACE=1`; this process `torch.get_num_threads()` = {torch.get_num_threads()}; load average
+(1 / 5 min) {load_before[0]:.2f} / {load_before[1]:.2f} before, {load_after[0]:.2f} / {load_after[1]:.2f} after;
+torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}.
+"""
+    print(section)
+    print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
+    if args.output is not None:
+        write_section(args.output, section, START, END)
+        print(f"wrote {args.output}", file=sys.stderr)
+    return result
+
+
+if __name__ == "__main__":
+    main()
