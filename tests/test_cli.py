@@ -38,3 +38,32 @@ def test_console_script_is_installed():
     assert exe, "the `hsstar` console script is not installed; run `pip install -e .`"
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True)
     assert "usage: hsstar" in out.stdout
+
+
+def test_vllm_serve_hands_unknown_arguments_to_the_server(monkeypatch, capsys):
+    """`hsstar vllm-serve` starts the server of `launch_vllm_server` (the vLLM tests run that one for real) with
+    our options, and passes every option it does not know to vLLM."""
+    import subprocess as sp
+
+    from trl_hsstar.sampling import vllm_server
+
+    seen = {}
+
+    class Exited:
+        url, log_path = "http://127.0.0.1:8123", "server.log"
+        process = sp.Popen([sys.executable, "-c", "pass"])
+
+        def close(self):
+            seen["closed"] = True
+
+    def launch(model, **kwargs):
+        seen.update(model=model, **kwargs)
+        Exited.process.wait()
+        return Exited()
+
+    monkeypatch.setattr(vllm_server, "launch_vllm_server", launch)
+    argv = ["vllm-serve", "--model", "m", "--port", "8123", "--tensor-parallel-size", "2", "--enable-lora"]
+    assert main(argv) == 0
+    assert seen["model"] == "m" and seen["port"] == 8123 and seen["host"] == "127.0.0.1"
+    assert seen["args"] == ["--tensor-parallel-size", "2", "--enable-lora"] and seen["closed"]
+    assert "vllm_server_base_url: http://127.0.0.1:8123" in capsys.readouterr().out

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import run_group
 
 from trl_hsstar import artifacts as A
 
@@ -89,7 +90,7 @@ def _launch(config: Path, num_processes: int) -> subprocess.CompletedProcess:
             "--config",
             str(config),
         ]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=REPO)
+    out = run_group(cmd, env=_env(), timeout=600, cwd=REPO)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     return out
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import run_group
 
 from trl_hsstar import artifacts as A
 
@@ -74,7 +75,7 @@ def _cmd(config: Path) -> list[str]:
 
 
 def _run(config: Path, env: dict) -> str:
-    out = subprocess.run(_cmd(config), capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    out = run_group(_cmd(config), env=env, timeout=600, cwd=REPO)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     return out.stdout
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import run_group
 
 from trl_hsstar.cli import main as cli_main
 from trl_hsstar.config import HSStarConfig, HSStarDPOConfig
@@ -137,7 +137,7 @@ def test_accelerate_launch_runs_the_toy_recipe(reasoner_dir, tmp_path):
         str(ROOT / "recipes/configs/toy_cpu.yaml"),
         *_toy_overrides(reasoner_dir, tmp_path),
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    out = run_group(cmd, env=env, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "HS-STaR finished: 1 iterations" in out.stdout
     assert (tmp_path / "iteration-0" / "DONE").exists()

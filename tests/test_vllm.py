@@ -23,6 +23,8 @@ from trl_hsstar.toy import generate_problems, problems_to_dataset_dict
 from trl_hsstar.toy.oracle import OracleStepReward
 
 PROMPTS = [f"Q: {q}\nA: " for q in ("1+2", "3+4+5", "9+8+7+6", "2+2+2+2+2", "5+1", "7+3+9")]
+# float32 as the transformers side; no compilation (each cold start would spend about 50 s compiling here)
+EAGER = {"dtype": "float32", "enforce_eager": True}
 CPU_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -73,7 +75,7 @@ def engine(vllm_python, reasoner_dir, tmp_path_factory):
         reasoner_dir,
         AutoTokenizer.from_pretrained(reasoner_dir),
         python=vllm_python,
-        engine_kwargs={"seed": 0, "enable_prefix_caching": True},
+        engine_kwargs={"seed": 0, "enable_prefix_caching": True, **EAGER},
         env=CPU_ENV,
         startup_timeout=600,
         log_path=log,
@@ -106,6 +108,44 @@ def test_seeds_per_request_reproduce_and_do_not_share_draws(engine):
     # 64 samples of a prompt with a shared seed would all be equal; with a seed per sample they spread out
     assert all(len({c.text for c in cs}) > 8 for cs in first)
     assert all(c.finish_reason in ("stop", "length") and c.num_tokens > 0 for cs in first for c in cs)
+
+
+@pytest.mark.slow
+def test_a_model_that_cannot_be_reloaded_in_place_gets_a_fresh_engine(
+    engine, reasoner_dir, tmp_path, monkeypatch
+):
+    from trl_hsstar.sampling.vllm_sampler import EngineReplyError
+
+    other = perturbed_copy(reasoner_dir, tmp_path / "other", seed=2)
+    real_request, refused = engine._request, []
+
+    def request(req, timeout, what):
+        if req["cmd"] == "reload":
+            refused.append(req["path"])
+            raise EngineReplyError("NotImplementedError: Model reloading with `dummy` format")
+        return real_request(req, timeout, what)
+
+    monkeypatch.setattr(engine, "_request", request)
+    pid = engine.pid
+    engine.load_weights(other)
+    assert refused == [str(other)] and engine.fresh_starts == 1 and engine.pid != pid
+    assert greedy(engine) == transformers_greedy(other)  # the fresh engine started on the new checkpoint
+    monkeypatch.setattr(engine, "_request", real_request)
+    engine.load_weights(reasoner_dir)  # in place again
+    assert engine.fresh_starts == 1 and greedy(engine) == transformers_greedy(reasoner_dir)
+
+
+@pytest.mark.slow
+def test_the_server_draws_the_same_samples_as_the_engine(engine, server, reasoner_dir):
+    """The server is sent one request per prompt (n samples, vLLM seeds sample j with seed + j), the engine one per
+    sample with request_seed: the same seeds, so the same samples."""
+    params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=32, seed=5)
+    ours = engine.generate(PROMPTS[:3], [4, 0, 6], params)
+    theirs = _client(server, reasoner_dir).generate(PROMPTS[:3], [4, 0, 6], params)
+    assert [[(c.text, c.num_tokens, c.finish_reason) for c in cs] for cs in ours] == [
+        [(c.text, c.num_tokens, c.finish_reason) for c in cs] for cs in theirs
+    ]
+    assert [len(cs) for cs in theirs] == [4, 0, 6] and len({c.text for c in theirs[2]}) > 1
 
 
 @pytest.mark.slow
@@ -147,7 +187,7 @@ def test_lora_adapter_served_on_the_base_matches_peft(vllm_python, reasoner_dir,
         reasoner_dir,
         tok,
         python=vllm_python,
-        engine_kwargs={"seed": 0, "enable_lora": True, "max_loras": 2, "max_lora_rank": 8},
+        engine_kwargs={"seed": 0, "enable_lora": True, "max_loras": 2, "max_lora_rank": 8, **EAGER},
         env=CPU_ENV,
         log_path=tmp_path / "engine.log",
     )
@@ -169,6 +209,7 @@ def test_an_engine_that_cannot_start_fails_with_its_log(vllm_python, tmp_path):
         tmp_path / "no-such-model",
         _char_tokenizer(),
         python=vllm_python,
+        engine_kwargs=EAGER,
         env=CPU_ENV,
         startup_timeout=300,
         log_path=tmp_path / "engine.log",
@@ -176,6 +217,30 @@ def test_an_engine_that_cannot_start_fails_with_its_log(vllm_python, tmp_path):
     with pytest.raises((EngineError, RuntimeError), match="start"):
         greedy(sampler)
     sampler.close()
+
+
+def test_an_engine_that_does_not_start_in_time_is_stopped(vllm_python, reasoner_dir, tmp_path):
+    from trl_hsstar.sampling.vllm_sampler import EngineTimeout
+
+    sampler = _cpu_engine(reasoner_dir, vllm_python, tmp_path, startup_timeout=1)
+    with pytest.raises(EngineTimeout, match=r"did not answer the start request within 1 s and was stopped"):
+        greedy(sampler)
+    assert sampler.pid is None  # killed, not left running
+    sampler.close()
+
+
+def _cpu_engine(model, python, tmp_path, **kwargs):
+    from trl_hsstar.sampling import VLLMSampler
+
+    return VLLMSampler(
+        model,
+        AutoTokenizer.from_pretrained(model),
+        python=python,
+        engine_kwargs=EAGER,
+        env=CPU_ENV,
+        log_path=tmp_path / "engine.log",
+        **kwargs,
+    )
 
 
 def _char_tokenizer():
@@ -197,7 +262,7 @@ def test_two_iterations_with_the_engine_reloaded_each_iteration_and_killed_mid_p
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     problems = Dataset.from_dict(problems_to_dataset_dict(generate_problems(32, operands=(2, 5), seed=11)))
-    checks = []
+    checks, probes = [], {}
     calls = {"n": 0, "killed": None}
     real_generate = VLLMSampler.generate
 
@@ -224,6 +289,7 @@ def test_two_iterations_with_the_engine_reloaded_each_iteration_and_killed_mid_p
             checks.append(
                 (iteration, greedy(engine, PROMPTS[:3]) == transformers_greedy(model_dir, PROMPTS[:3]))
             )
+            probes[iteration] = 3  # samples this check drew from the trainer's engine
 
     args = HSStarConfig(
         output_dir=str(tmp_path),
@@ -241,6 +307,7 @@ def test_two_iterations_with_the_engine_reloaded_each_iteration_and_killed_mid_p
         disable_tqdm=True,
         use_vllm=True,
         vllm_python=vllm_python,
+        vllm_engine_kwargs={"enforce_eager": True},
         seed=0,
     )
     trainer = HSStarTrainer(
@@ -268,7 +335,9 @@ def test_two_iterations_with_the_engine_reloaded_each_iteration_and_killed_mid_p
         assert len(samples) == stats["budget_planned"] == stats["budget_spent"] == 4 * 16
         levels = store.read_jsonl(A.LEVELS)  # every (problem, slot) the allocation asked for, exactly once
         assert set(keys) == {(r["problem_id"], j) for r in levels for j in range(2 + r["resamples"])}
-        assert stats["generated_this_run"] == len(samples)
+        assert (
+            stats["generated_this_run"] == len(samples) + probes[t]
+        )  # generated once (the lost chunk: never)
     assert (tmp_path / "vllm-0.log").exists()
     assert trainer._vllm is None  # the engine was closed
 
@@ -326,6 +395,7 @@ def test_qlora_trains_in_4bit_while_the_engine_serves_the_16bit_base_and_the_ada
         disable_tqdm=True,
         use_vllm=True,
         vllm_python=vllm_python,
+        vllm_engine_kwargs={"enforce_eager": True},
         model_init_kwargs={
             "dtype": torch.float32,
             "quantization_config": get_quantization_config(model_args),
@@ -359,6 +429,9 @@ def server(vllm_python, reasoner_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("vllm-server") / "server.log"
     env = {k: v for k, v in CPU_ENV.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     args = [
+        "--enforce-eager",
+        "--dtype",
+        "float32",
         "--seed",
         "0",
         "--enable-prefix-caching",
@@ -518,20 +591,32 @@ def test_an_unreachable_server_fails_before_any_sampling(reasoner_dir, tmp_path)
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_real_vllm_on_cuda(reasoner_dir, tmp_path):
-    """On a GPU machine with vLLM in this environment: the engine on CUDA, greedy equal to transformers."""
-    pytest.importorskip("vllm")
+    """On a GPU machine (vLLM in this environment, or in the one HSSTAR_VLLM_PYTHON names): the engine on CUDA,
+    greedy equal to transformers before and after an in-place reload, and after a sleep and a wake-up."""
+    python = os.environ.get("HSSTAR_VLLM_PYTHON")
+    if not python:
+        pytest.importorskip("vllm")
     from trl_hsstar.sampling import VLLMSampler
 
     sampler = VLLMSampler(
         reasoner_dir,
         AutoTokenizer.from_pretrained(reasoner_dir),
-        engine_kwargs={"seed": 0, "gpu_memory_utilization": 0.3, "dtype": "float32"},
+        python=python,
+        engine_kwargs={
+            "seed": 0,
+            "gpu_memory_utilization": 0.3,
+            "dtype": "float32",
+            "enable_sleep_mode": True,
+        },
         log_path=tmp_path / "engine.log",
     )
     try:
         assert greedy(sampler) == transformers_greedy(reasoner_dir)
         other = perturbed_copy(reasoner_dir, tmp_path / "other")
         sampler.load_weights(other)
+        assert greedy(sampler) == transformers_greedy(other)
+        sampler.sleep()  # the GPU memory goes to training...
+        sampler.wake()  # ...and comes back with the same weights
         assert greedy(sampler) == transformers_greedy(other)
     finally:
         sampler.close()

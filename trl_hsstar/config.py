@@ -7,6 +7,7 @@ names the field and the fix.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -145,6 +146,10 @@ class HSStarArguments:
             The engine's context length. Default: the model's.
         vllm_enable_sleep_mode (`bool`, *optional*, defaults to `False`):
             Put the engine to sleep (its GPU memory freed) during each training pass.
+        vllm_engine_kwargs (`dict` or `str`, *optional*):
+            More keyword arguments of `vllm.LLM` for the engine the trainer owns (a dict, or its JSON on the command
+            line), e.g. `{"enforce_eager": true, "max_num_seqs": 256}`. By default the engine runs in the policy's own
+            dtype, so that it samples what the policy would.
         vllm_server_timeout (`float`, *optional*, defaults to `240.0`):
             Seconds the engine may take to start (or the server to answer) before the run stops with a clear error,
             before any sampling.
@@ -251,6 +256,12 @@ class HSStarArguments:
     vllm_enable_sleep_mode: bool = field(
         default=False, metadata={"help": "Free the vLLM engine's GPU memory during each training pass."}
     )
+    vllm_engine_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "More vllm.LLM keyword arguments for the engine the trainer owns (a dict, or JSON)."
+        },
+    )
 
     def _validate_hsstar(self) -> None:
         """Check every HS-STaR field; raise ``ValueError`` naming the field and the fix."""
@@ -335,6 +346,21 @@ class HSStarArguments:
         positive_int("vllm_max_model_length", allow_none=True)
         if not self.vllm_server_timeout > 0:
             raise ValueError(f"`vllm_server_timeout` must be positive, got {self.vllm_server_timeout!r}.")
+        if isinstance(self.vllm_engine_kwargs, str):
+            try:
+                self.vllm_engine_kwargs = json.loads(self.vllm_engine_kwargs)
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"`vllm_engine_kwargs` must be a dict or its JSON, got {self.vllm_engine_kwargs!r}: {error}."
+                ) from error
+        if self.vllm_engine_kwargs is not None and not isinstance(self.vllm_engine_kwargs, dict):
+            raise ValueError(
+                f"`vllm_engine_kwargs` must be a dict, got {type(self.vllm_engine_kwargs).__name__}."
+            )
+        if self.vllm_engine_kwargs and "model" in self.vllm_engine_kwargs:
+            raise ValueError(
+                "`vllm_engine_kwargs` must not set `model`: the engine starts from the policy's checkpoint."
+            )
         if self.vllm_python is not None and self.vllm_mode == "server":
             raise ValueError(
                 "`vllm_python` names the interpreter of an engine the trainer starts (`vllm_mode='colocate'`); with "

@@ -467,12 +467,16 @@ class _HSStarLoop:
         }
         if args.vllm_max_model_length:
             engine["max_model_len"] = args.vllm_max_model_length
+        dtype = getattr(self.accelerator.unwrap_model(self.model), "dtype", None)
+        if dtype is not None:  # the policy's own precision (vLLM's "auto" would take float32 down to 16 bits)
+            engine["dtype"] = str(dtype).removeprefix("torch.")
         if self._is_peft():
             model = self.accelerator.unwrap_model(self.model)
             rank = max(int(getattr(c, "r", 8)) for c in model.peft_config.values())
             engine.update(
                 enable_lora=True, max_loras=2, max_lora_rank=max(8, rank)
             )  # base and adapter requests
+        engine.update(args.vllm_engine_kwargs or {})
         env = {}
         if not _accelerator_available():  # vLLM's CPU build: a small KV cache, every core
             env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")

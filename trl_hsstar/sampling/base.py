@@ -146,8 +146,12 @@ def encode_prompt(tokenizer, prompt: str, index: int = 0) -> list[int]:
 
 def request_seed(seed: int, prompt_index: int, sample_index: int) -> int:
     """The seed of one sample of a request seeded with ``seed``: distinct per (prompt, sample), so that no two
-    samples share random draws, and the same on every run (for backends that seed each sample, like vLLM)."""
-    return zlib.crc32(f"{seed}:{prompt_index}:{sample_index}".encode())
+    samples share random draws, and the same on every run (for backends that seed each sample, like vLLM).
+
+    The samples of one prompt get consecutive seeds (a per-prompt base plus the sample's index), which is how vLLM
+    seeds the ``n`` samples of one request: a server can then be sent one request per prompt and draw exactly
+    what per-sample requests would."""
+    return zlib.crc32(f"{seed}:{prompt_index}".encode()) + sample_index
 
 
 def expand_requests(num_samples: Sequence[int]) -> list[int]:

@@ -12,6 +12,9 @@ Prompts are tokenized here, with the same rule as the transformers backend
 With ``params.seed`` set, every sample gets its own seed (:func:`~trl_hsstar.sampling.base.request_seed`): a rerun
 reproduces, and no two samples share random draws.
 
+A model the engine cannot reload in place (vLLM's in-place reload does not cover every architecture and load
+format) falls back to a fresh engine on the new checkpoint, with a warning: the same weights, slower.
+
 Failures: an engine that does not start within ``startup_timeout`` seconds, or does not answer a request within
 ``request_timeout``, is killed and reported with the tail of its log. An engine that dies in the middle of a
 request is restarted (up to ``max_restarts`` times over the sampler's life, with the current weights or adapter)
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import select
 import subprocess
@@ -43,7 +47,9 @@ from .base import (
     validate_request,
 )
 
-__all__ = ["EngineError", "EngineTimeout", "VLLMSampler"]
+__all__ = ["EngineError", "EngineReplyError", "EngineTimeout", "VLLMSampler"]
+
+logger = logging.getLogger(__name__)
 
 WORKER = Path(vllm_ext.PATH) / "hsstar_vllm.py"
 
@@ -83,6 +89,10 @@ class EngineError(RuntimeError):
 
 class EngineTimeout(EngineError):
     """The vLLM engine did not answer in time (it was stopped; not restarted)."""
+
+
+class EngineReplyError(RuntimeError):
+    """The vLLM engine is alive and answered a request with an error (its traceback is the message)."""
 
 
 class VLLMSampler(Sampler):
@@ -150,6 +160,7 @@ class VLLMSampler(Sampler):
         self._adapter_ids = 0
         self._proc: subprocess.Popen | None = None
         self.reload_seconds: list[float] = []
+        self.fresh_starts = 0  # reloads that fell back to a fresh engine
 
     # -- the engine process --------------------------------------------------------------------------------
 
@@ -232,7 +243,7 @@ class VLLMSampler(Sampler):
                 )
         reply = json.loads(buffer)
         if not reply.pop("ok"):
-            raise RuntimeError(f"the vLLM engine failed the {what} request:\n{reply['error']}")
+            raise EngineReplyError(f"the vLLM engine failed the {what} request:\n{reply['error']}")
         return reply
 
     def _call(self, request: dict, what: str) -> dict:
@@ -267,7 +278,18 @@ class VLLMSampler(Sampler):
         if self._proc is None or self._proc.poll() is not None:
             return 0.0  # the engine loads it when it starts
         start = time.perf_counter()
-        self._call({"cmd": "reload", "path": path}, "reload")
+        try:
+            self._call({"cmd": "reload", "path": path}, "reload")
+        except EngineReplyError as error:  # the engine cannot reload this model in place: the fallback
+            logger.warning(
+                "The vLLM engine could not reload %s in place; starting a fresh engine on it instead (about 30 s "
+                "on a small model). The engine said:\n%s",
+                path,
+                str(error)[-2000:],
+            )
+            self._kill()
+            self.start()
+            self.fresh_starts += 1
         seconds = time.perf_counter() - start
         self.reload_seconds.append(seconds)
         return seconds

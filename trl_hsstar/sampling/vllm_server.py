@@ -4,8 +4,9 @@ For a policy too large to share its GPUs with a generation engine, or to generat
 parallelism on other GPUs or another node: the server runs on its own, and :class:`VLLMServerSampler` talks to its
 HTTP API with the standard library only.
 
-- Generation: one ``POST /v1/completions`` per sample (prompt as token ids, its own seed, ``n=1``), many in flight
-  at once, so that vLLM batches them and no two samples share random draws.
+- Generation: one ``POST /v1/completions`` per prompt (as token ids, ``n`` = its samples, seeded so that sample
+  ``j`` draws with :func:`~trl_hsstar.sampling.base.request_seed`'s seed, as the child engine's would), many in
+  flight at once, so that vLLM batches them and no two samples share random draws.
 - New weights each iteration: ``POST /collective_rpc`` with ``hsstar_reload`` (the checkpoint directory must be
   readable by the server: a shared file system), then ``POST /reset_prefix_cache``. Needs the server started
   with ``VLLM_SERVER_DEV_MODE=1`` and the worker extension ``hsstar_vllm.WorkerExtension``, which is what
@@ -52,7 +53,7 @@ class _Unreachable(EngineError):
 
 
 def _http(method: str, url: str, body: dict | None = None, timeout: float | None = 30.0) -> Any:
-    """One JSON request. Returns the decoded reply (``None`` for an empty body); raises :class:`_Unreachable` if the
+    """One JSON request. Returns the decoded reply (``None`` for an empty body, text for a plain-text one); raises :class:`_Unreachable` if the
     server does not answer, :class:`EngineError` with its message if it answers with an error."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(
@@ -66,7 +67,12 @@ def _http(method: str, url: str, body: dict | None = None, timeout: float | None
         raise EngineError(f"{method} {url} failed with HTTP {error.code}: {detail}") from error
     except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
         raise _Unreachable(f"{method} {url}: no answer ({error})") from error
-    return json.loads(text) if text.strip() else None
+    if not text.strip():
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:  # some endpoints answer in plain text ("Success: LoRA adapter ... added")
+        return text.decode(errors="replace")
 
 
 class VLLMServerSampler(Sampler):
@@ -78,7 +84,7 @@ class VLLMServerSampler(Sampler):
         model: the served model name to request (default: the first one the server lists).
         timeout: seconds to wait for the server to answer ``/health``, at the start and after it stopped answering.
         request_timeout: seconds one HTTP request may take (``None``: no limit).
-        max_concurrency: requests in flight at once (vLLM batches them).
+        max_concurrency: requests (prompts) in flight at once (vLLM batches them).
         stop_strings: strings that end a completion, as EOS does (not included in the text).
     """
 
@@ -254,22 +260,34 @@ class VLLMServerSampler(Sampler):
 
     # -- the interface -----------------------------------------------------------------------------------
 
-    def _complete(self, ids: list[int], seed: int | None, fields: dict) -> Completion:
+    def _complete(self, ids: list[int], n: int, seed: int | None, fields: dict) -> list[Completion]:
+        """The ``n`` samples of one prompt in one request: vLLM seeds sample ``j`` with ``seed + j``, which is
+        :func:`~trl_hsstar.sampling.base.request_seed`'s rule, so they are the samples per-sample seeds would give."""
         body = {
             "model": self.adapter or self.model,
             "prompt": ids,
-            "n": 1,
+            "n": n,
             "temperature": fields["temperature"],
             "top_p": fields["top_p"] if fields["temperature"] > 0 else 1.0,
             "max_tokens": fields["max_tokens"],
             "stop": fields["stop"] or None,
             "seed": seed,
             "skip_special_tokens": True,
+            "return_token_ids": True,
         }
         reply = self._post("/v1/completions", body)
-        choice = reply["choices"][0]
-        reason = "length" if choice.get("finish_reason") == "length" else "stop"
-        return Completion(choice["text"], int(reply["usage"]["completion_tokens"]), reason)
+        choices = sorted(reply["choices"], key=lambda c: c.get("index", 0))
+        if len(choices) != n:
+            raise EngineError(
+                f"the vLLM server at {self.base_url} returned {len(choices)} completions for n={n}."
+            )
+        out = []
+        for choice in choices:
+            reason = "length" if choice.get("finish_reason") == "length" else "stop"
+            tokens = choice.get("token_ids")
+            count = len(tokens) if tokens is not None else int(reply["usage"]["completion_tokens"]) // n
+            out.append(Completion(choice["text"], count, reason))
+        return out
 
     def generate(
         self, prompts: Sequence[str], num_samples: Sequence[int], params: SamplingParams
@@ -280,14 +298,14 @@ class VLLMServerSampler(Sampler):
         wanted, ids, seeds, fields = vllm_request(
             self.tokenizer, prompts, num_samples, params, self.stop_strings
         )
-        jobs = [(i, ids[k], seed) for k, i in enumerate(wanted) for seed in seeds[k]]
-        if jobs:
+        if wanted:
             if self.model is None:
                 self.wait_ready()
+            jobs = [(ids[k], len(seeds[k]), seeds[k][0]) for k in range(len(wanted))]
             with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(jobs))) as pool:
-                done = list(pool.map(lambda job: self._complete(job[1], job[2], fields), jobs))
-            for (i, _, _), completion in zip(jobs, done):
-                results[i].append(completion)
+                done = list(pool.map(lambda job: self._complete(*job, fields), jobs))
+            for i, completions in zip(wanted, done):
+                results[i] = completions
         self._record(results, time.perf_counter() - start)
         return results
 

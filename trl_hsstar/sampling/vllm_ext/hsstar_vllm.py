@@ -105,11 +105,11 @@ class Engine:
         self.llm = None
 
     def start(self, engine: dict) -> dict:
-        from vllm import LLM
+        import vllm
 
         engine.setdefault("worker_extension_cls", "hsstar_vllm.WorkerExtension")
-        self.llm = LLM(**engine)
-        return {"version": __import__("vllm").__version__}
+        self.llm = vllm.LLM(**engine)
+        return {"version": vllm.__version__}
 
     def generate(self, prompts: list, seeds, params: dict, lora=None) -> dict:
         from vllm.inputs import TokensPrompt
