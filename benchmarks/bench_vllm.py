@@ -263,7 +263,8 @@ at >= 0.9x the throughput of a bare `vllm.LLM.generate` on the same request. Eve
 per sample, temperature {args.temperature}, top-p {args.top_p}, `max_new_tokens={args.max_new_tokens}`), on the
 toy reasoner (hidden 64, float32). The bare baseline is timed inside its own process; the candidates from the
 training process, so they include tokenizing, the pipe (or HTTP) and decoding. All engines stay up; the sides run
-in turn (the order rotating each round), {args.repeats} rounds after one warm-up each. The ratio is of throughputs
+in turn (the order rotating each round; with every engine up on two cores the spread is wide, so the best runs are the
+cleaner comparison), {args.repeats} rounds after one warm-up each. The ratio is of throughputs
 (bare seconds / side seconds), of the medians and of the best runs.
 
 ```bash

@@ -66,6 +66,23 @@ def perturbed_copy(src, dst, scale=0.02, seed=1):
     return dst
 
 
+def loop_args(**overrides) -> HSStarConfig:
+    """The trainer settings of the vLLM loop tests: two small iterations on the toy world, B = 4, n_p = 2."""
+    settings = dict(
+        num_iterations=2,
+        sampling_budget=4,
+        num_presamples=2,
+        max_completion_length=48,
+        reward_thresholds=[0.25, 0.5],
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        use_vllm=True,
+        seed=0,
+    )
+    return HSStarConfig(**{**settings, **overrides})
+
+
 @pytest.fixture(scope="module")
 def engine(vllm_python, reasoner_dir, tmp_path_factory):
     from trl_hsstar.sampling import VLLMSampler
@@ -291,24 +308,14 @@ def test_two_iterations_with_the_engine_reloaded_each_iteration_and_killed_mid_p
             )
             probes[iteration] = 3  # samples this check drew from the trainer's engine
 
-    args = HSStarConfig(
+    args = loop_args(
         output_dir=str(tmp_path),
-        num_iterations=2,
         problems_per_iteration=16,
-        sampling_budget=4,
-        num_presamples=2,
-        max_completion_length=48,
         sampling_chunk_size=16,
         learning_rate=1e-3,
         per_device_train_batch_size=8,
-        reward_thresholds=[0.25, 0.5],
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        use_vllm=True,
         vllm_python=vllm_python,
         vllm_engine_kwargs={"enforce_eager": True},
-        seed=0,
     )
     trainer = HSStarTrainer(
         model=str(reasoner_dir),
@@ -380,27 +387,17 @@ def test_qlora_trains_in_4bit_while_the_engine_serves_the_16bit_base_and_the_ada
         lora_target_modules=["q_proj", "v_proj"],
         dtype="float32",
     )
-    args = HSStarConfig(
+    args = loop_args(
         output_dir=str(tmp_path / "run"),
-        num_iterations=2,
         problems_per_iteration=12,
-        sampling_budget=4,
-        num_presamples=2,
-        max_completion_length=48,
         learning_rate=1e-2,
         per_device_train_batch_size=2,
-        reward_thresholds=[0.25, 0.5],
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        use_vllm=True,
         vllm_python=vllm_python,
         vllm_engine_kwargs={"enforce_eager": True},
         model_init_kwargs={
             "dtype": torch.float32,
             "quantization_config": get_quantization_config(model_args),
         },
-        seed=0,
     )
     problems = Dataset.from_dict(problems_to_dataset_dict(generate_problems(24, operands=(2, 5), seed=14)))
     trainer = HSStarTrainer(
@@ -518,23 +515,13 @@ def test_two_iterations_against_a_server(server, reasoner_dir, tmp_path):
                 (iteration, greedy(probe, PROMPTS[:3]) == transformers_greedy(model_dir, PROMPTS[:3]))
             )
 
-    args = HSStarConfig(
+    args = loop_args(
         output_dir=str(tmp_path / "run"),
-        num_iterations=2,
         problems_per_iteration=16,
-        sampling_budget=4,
-        num_presamples=2,
-        max_completion_length=48,
         learning_rate=1e-3,
         per_device_train_batch_size=8,
-        reward_thresholds=[0.25, 0.5],
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        use_vllm=True,
         vllm_mode="server",
         vllm_server_base_url=server.url,
-        seed=0,
     )
     trainer = HSStarTrainer(
         model=str(reasoner_dir),

@@ -24,6 +24,7 @@ saved are kept, so nothing is lost or repeated.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import logging
@@ -95,7 +96,34 @@ class EngineReplyError(RuntimeError):
     """The vLLM engine is alive and answered a request with an error (its traceback is the message)."""
 
 
-class VLLMSampler(Sampler):
+class VLLMBackend(Sampler):
+    """What the vLLM backends share: a request becomes token ids, one seed per sample and vLLM's sampling fields
+    (:func:`vllm_request`); a backend implements :meth:`_generate_ids` to draw the samples of such a request."""
+
+    tokenizer: Any
+    stop_strings: list[str]
+
+    @abc.abstractmethod
+    def _generate_ids(self, ids: list[list[int]], seeds: list[list], fields: dict) -> list[list[Completion]]:
+        """For each prompt (token ids), one completion per seed in its list, in order."""
+
+    def generate(
+        self, prompts: Sequence[str], num_samples: Sequence[int], params: SamplingParams
+    ) -> list[list[Completion]]:
+        validate_request(prompts, num_samples, params)
+        start = time.perf_counter()
+        results: list[list[Completion]] = [[] for _ in prompts]
+        wanted, ids, seeds, fields = vllm_request(
+            self.tokenizer, prompts, num_samples, params, self.stop_strings
+        )
+        if wanted:
+            for i, completions in zip(wanted, self._generate_ids(ids, seeds, fields)):
+                results[i] = completions
+        self._record(results, time.perf_counter() - start)
+        return results
+
+
+class VLLMSampler(VLLMBackend):
     """A :class:`~trl_hsstar.sampling.Sampler` backed by a vLLM engine in a child process.
 
     Args:
@@ -314,25 +342,7 @@ class VLLMSampler(Sampler):
 
     # -- the interface -----------------------------------------------------------------------------------
 
-    def generate(
-        self, prompts: Sequence[str], num_samples: Sequence[int], params: SamplingParams
-    ) -> list[list[Completion]]:
-        validate_request(prompts, num_samples, params)
-        start = time.perf_counter()
-        results: list[list[Completion]] = [[] for _ in prompts]
-        wanted, ids, seeds, fields = vllm_request(
-            self.tokenizer, prompts, num_samples, params, self.stop_strings
-        )
-        if wanted:
-            request = {
-                "cmd": "generate",
-                "prompts": ids,
-                "seeds": seeds,
-                "params": fields,
-                "lora": self.adapter,
-            }
-            reply = self._call(request, "generate")
-            for i, completions in zip(wanted, reply["completions"]):
-                results[i] = [Completion(text, int(n), reason) for text, n, reason in completions]
-        self._record(results, time.perf_counter() - start)
-        return results
+    def _generate_ids(self, ids: list[list[int]], seeds: list[list], fields: dict) -> list[list[Completion]]:
+        request = {"cmd": "generate", "prompts": ids, "seeds": seeds, "params": fields, "lora": self.adapter}
+        reply = self._call(request, "generate")
+        return [[Completion(text, int(n), reason) for text, n, reason in cs] for cs in reply["completions"]]

@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from . import vllm_ext
-from .base import Completion, Sampler, SamplingParams, validate_request
-from .vllm_sampler import EngineError, vllm_env, vllm_request
+from .base import Completion
+from .vllm_sampler import EngineError, VLLMBackend, vllm_env
 
 __all__ = ["VLLMServer", "VLLMServerSampler", "launch_vllm_server"]
 
@@ -75,7 +75,7 @@ def _http(method: str, url: str, body: dict | None = None, timeout: float | None
         return text.decode(errors="replace")
 
 
-class VLLMServerSampler(Sampler):
+class VLLMServerSampler(VLLMBackend):
     """A :class:`~trl_hsstar.sampling.Sampler` backed by a running vLLM server.
 
     Args:
@@ -289,25 +289,12 @@ class VLLMServerSampler(Sampler):
             out.append(Completion(choice["text"], count, reason))
         return out
 
-    def generate(
-        self, prompts: Sequence[str], num_samples: Sequence[int], params: SamplingParams
-    ) -> list[list[Completion]]:
-        validate_request(prompts, num_samples, params)
-        start = time.perf_counter()
-        results: list[list[Completion]] = [[] for _ in prompts]
-        wanted, ids, seeds, fields = vllm_request(
-            self.tokenizer, prompts, num_samples, params, self.stop_strings
-        )
-        if wanted:
-            if self.model is None:
-                self.wait_ready()
-            jobs = [(ids[k], len(seeds[k]), seeds[k][0]) for k in range(len(wanted))]
-            with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(jobs))) as pool:
-                done = list(pool.map(lambda job: self._complete(*job, fields), jobs))
-            for i, completions in zip(wanted, done):
-                results[i] = completions
-        self._record(results, time.perf_counter() - start)
-        return results
+    def _generate_ids(self, ids: list[list[int]], seeds: list[list], fields: dict) -> list[list[Completion]]:
+        if self.model is None:
+            self.wait_ready()
+        jobs = [(prompt, len(s), s[0]) for prompt, s in zip(ids, seeds)]
+        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(jobs))) as pool:
+            return list(pool.map(lambda job: self._complete(*job, fields), jobs))
 
 
 # ---------------------------------------------------------------------------------------------------------------
