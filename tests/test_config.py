@@ -109,3 +109,25 @@ def test_trl_parser_reads_yaml_and_command_line(tmp_path):
     )
     assert (args.sampling_budget, args.num_presamples, args.reward_thresholds) == (16, 5, [0.2, 0.6])
     assert "--sampling_budget" in TrlParser((HSStarConfig,)).format_help()
+
+
+@pytest.mark.parametrize(
+    ("visible", "count", "local", "processes", "tp", "expected"),
+    [
+        (None, 8, 0, 1, 1, "0,1,2,3,4,5,6,7"),  # one process: its engine sees every GPU it may span
+        (None, 8, 3, 8, 1, "3"),  # eight processes: engine k on GPU k
+        ("4,5,6,7", 4, 1, 2, 2, "6,7"),  # two processes x tensor parallel 2, out of the visible ones
+        ("2, 5", 2, 1, 2, 1, "5"),
+    ],
+)
+def test_each_colocated_engine_gets_its_own_gpus(visible, count, local, processes, tp, expected):
+    from trl_hsstar.trainer import engine_cuda_devices
+
+    assert engine_cuda_devices(visible, count, local, processes, tp) == expected
+
+
+def test_a_colocated_layout_that_does_not_fit_is_refused():
+    from trl_hsstar.trainer import engine_cuda_devices
+
+    with pytest.raises(ValueError, match=r"needs 16 GPUs .* 8 are visible.*vllm_mode='server'"):
+        engine_cuda_devices(None, 8, 7, 8, 2)

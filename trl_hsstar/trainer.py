@@ -26,6 +26,7 @@ import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from datasets import Dataset
 from transformers import PreTrainedModel, TrainerControl
 from transformers.trainer_utils import TrainOutput
@@ -483,6 +484,17 @@ class _HSStarLoop:
             env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ.get(
                 "VLLM_CPU_OMP_THREADS_BIND", f"0-{max(1, os.cpu_count() or 1) - 1}"
             )
+        elif torch.cuda.is_available():
+            # each training process's engine on its own GPU(s), not all of them on the first one
+            state = self.accelerator.state
+            devices = engine_cuda_devices(
+                os.environ.get("CUDA_VISIBLE_DEVICES"),
+                torch.cuda.device_count(),
+                state.local_process_index,
+                int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes)),
+                args.vllm_tensor_parallel_size,
+            )
+            env["CUDA_VISIBLE_DEVICES"] = devices
         rank = self.accelerator.process_index
         return VLLMSampler(
             base,
@@ -724,6 +736,30 @@ class _HSStarLoop:
                 self._vllm.close()
                 self._vllm = None
         return output
+
+
+def engine_cuda_devices(
+    visible: str | None, device_count: int, local_index: int, local_processes: int, tensor_parallel_size: int
+) -> str:
+    """``CUDA_VISIBLE_DEVICES`` of the engine of training process ``local_index`` (of ``local_processes`` on this
+    machine), for ``vllm_mode="colocate"``: its own GPU, or its own ``tensor_parallel_size`` GPUs, out of the ones
+    visible to the trainer. A layout that does not fit is refused with the fix."""
+    devices = (
+        [d.strip() for d in visible.split(",") if d.strip()]
+        if visible
+        else [str(i) for i in range(device_count)]
+    )
+    first = local_index * tensor_parallel_size if local_processes > 1 else 0
+    if first + tensor_parallel_size > len(devices):
+        raise ValueError(
+            f"`vllm_tensor_parallel_size={tensor_parallel_size}` with {local_processes} training process(es) on this "
+            f"machine needs {local_processes * tensor_parallel_size} GPUs for the colocated engines, and "
+            f"{len(devices)} are visible. Lower `vllm_tensor_parallel_size`, or run vLLM as a server on GPUs of its "
+            "own (`vllm_mode='server'`, `hsstar vllm-serve`)."
+        )
+    if local_processes == 1:  # one process: its engine may span as many visible GPUs as it asks for
+        return ",".join(devices)
+    return ",".join(devices[first : first + tensor_parallel_size])
 
 
 def _ids_digest(rows: list[dict]) -> str:
