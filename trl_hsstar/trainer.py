@@ -509,26 +509,20 @@ class _HSStarLoop:
     def _sync_vllm(self, iteration: int) -> None:
         """Give the engine the policy iteration ``iteration`` samples from: the last completed iteration's model
         (its LoRA adapter, for a PEFT model). A server is shared by every process: the main one loads, the others
-        wait and then request the same adapter."""
+        wait and then use the same weights or adapter."""
         if self._vllm is None or iteration == 0:
             return
         previous = A.IterationArtifacts(self.args.output_dir, iteration - 1).model_dir
-        shared = self.args.vllm_mode == "server"
+        load = self._vllm.load_adapter if self._is_peft() else self._vllm.load_weights
+        if self.args.vllm_mode != "server":  # an engine of this process's own
+            load(previous)
+            return
         main = self.accelerator.is_main_process
-        if self._is_peft():
-            if not shared:
-                self._vllm.load_adapter(previous)
-            else:
-                if main:
-                    self._vllm.load_adapter(previous)
-                self.accelerator.wait_for_everyone()
-                if not main:
-                    self._vllm.load_adapter(previous, register=False)
-        else:
-            if main or not shared:
-                self._vllm.load_weights(previous)
-            if shared:
-                self.accelerator.wait_for_everyone()
+        if main:
+            load(previous)
+        self.accelerator.wait_for_everyone()
+        if not main:
+            load(previous, register=False)  # recorded, to be loaded again should the server restart
 
     def _vllm_sleep(self, sleep: bool) -> None:
         """Free (``sleep``) or restore the engine's GPU memory around a training pass (`vllm_enable_sleep_mode`)."""

@@ -197,10 +197,15 @@ class VLLMServerSampler(VLLMBackend):
 
     # -- weights -----------------------------------------------------------------------------------------
 
-    def load_weights(self, path: str | os.PathLike) -> float:
-        """Reload the server in place from a checkpoint directory it can read, then reset its prefix cache."""
+    def load_weights(self, path: str | os.PathLike, *, register: bool = True) -> float:
+        """Reload the server in place from a checkpoint directory it can read, then reset its prefix cache.
+        ``register=False`` only records it (another process of the run reloaded the server), so that this sampler
+        can load it again if the server restarts."""
         path = str(path)
         if self.weights == path:
+            return 0.0
+        if not register:
+            self.weights, self.adapter, self._adapter_path = path, None, None
             return 0.0
         self.wait_ready()
         start = time.perf_counter()
