@@ -99,6 +99,10 @@ def test_the_server_mode_reads_trl_grpo_fields(tmp_path):
         "http://10.0.0.5:8000",
     )
     assert args.vllm_server_timeout == 30
+    (args,) = TrlParser((HSStarConfig,)).parse_args_and_config(
+        ["--output_dir", str(tmp_path), "--vllm_engine_kwargs", '{"enforce_eager": true}']
+    )
+    assert args.vllm_engine_kwargs == {"enforce_eager": True}  # JSON on the command line
 
 
 def test_trl_parser_reads_yaml_and_command_line(tmp_path):
