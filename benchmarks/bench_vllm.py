@@ -261,7 +261,8 @@ Target: `VLLMSampler` (the engine the trainer owns, in a child process under the
 at >= 0.9x the throughput of a bare `vllm.LLM.generate` on the same request. Every side gets the same
 {args.num_prompts} toy prompts x {args.samples_per_prompt} samples = {n} samples (prompts as token ids, one seed
 per sample, temperature {args.temperature}, top-p {args.top_p}, `max_new_tokens={args.max_new_tokens}`), on the
-toy reasoner (hidden 64, float32). The bare baseline is timed inside its own process; the candidates from the
+toy reasoner (hidden 64; the vLLM sides in vLLM's default dtype for it, bfloat16 on this CPU, the
+transformers side in float32). The bare baseline is timed inside its own process; the candidates from the
 training process, so they include tokenizing, the pipe (or HTTP) and decoding. All engines stay up; the sides run
 in turn (the order rotating each round; with every engine up on two cores the spread is wide, so the best runs are the
 cleaner comparison), {args.repeats} rounds after one warm-up each. The ratio is of throughputs
