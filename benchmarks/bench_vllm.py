@@ -37,22 +37,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl_hsstar.sampling import SamplingParams, TransformersSampler, VLLMSampler
 from trl_hsstar.sampling.vllm_sampler import vllm_env, vllm_request
 from trl_hsstar.sampling.vllm_server import VLLMServerSampler, launch_vllm_server
-from trl_hsstar.toy import generate_problems
+from trl_hsstar.toy import generate_problems, perturbed_copy
 from trl_hsstar.toy.world import toy_reasoner_path
 
 START, END = "<!-- bench_vllm:start -->", "<!-- bench_vllm:end -->"
 BARE = Path(__file__).with_name("vllm_bare.py")
-
-
-def perturbed_copy(src: Path, dst: Path, scale: float = 0.02) -> Path:
-    model = AutoModelForCausalLM.from_pretrained(src)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * scale)
-    model.save_pretrained(dst)
-    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
-    return dst
 
 
 class Bare:
@@ -236,9 +225,11 @@ def main(argv: list[str] | None = None) -> dict:
             " The server side pays for HTTP and for the API server's own Python process, which shares these two "
             "cores with the engine; on a GPU node both are small next to generating long completions."
         )
-    command = "python benchmarks/bench_vllm.py" + "".join(
-        f" {a}" for a in (sys.argv[1:] if argv is None else argv) if not str(a).endswith("python")
-    )
+    shown = list(sys.argv[1:] if argv is None else argv)
+    if "--vllm-python" in shown:  # a path of this machine: the command below names it generically
+        at = shown.index("--vllm-python")
+        del shown[at : at + 2]
+    command = "python benchmarks/bench_vllm.py" + "".join(f" {a}" for a in shown)
     reload_line = (
         f"In-place reload of a new checkpoint (`VLLMSampler.load_weights`: `hsstar_reload` in the engine, tied "
         f"embeddings re-tied, prefix cache reset), median of {args.reloads}: **{statistics.median(reloads):.3f} s** "

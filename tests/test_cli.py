@@ -49,16 +49,18 @@ def test_vllm_serve_hands_unknown_arguments_to_the_server(monkeypatch, capsys):
 
     seen = {}
 
-    class Exited:
+    class Exited:  # a launched server whose process has already ended, as `launch_vllm_server` returns it
         url, log_path = "http://127.0.0.1:8123", "server.log"
-        process = sp.Popen([sys.executable, "-c", "pass"])
+
+        def __init__(self):
+            self.process = sp.Popen([sys.executable, "-c", "pass"])
+            self.process.wait()
 
         def close(self):
             seen["closed"] = True
 
     def launch(model, **kwargs):
         seen.update(model=model, **kwargs)
-        Exited.process.wait()
         return Exited()
 
     monkeypatch.setattr(vllm_server, "launch_vllm_server", launch)

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl_hsstar import artifacts as A
 from trl_hsstar.config import HSStarConfig
 from trl_hsstar.sampling import SamplingParams, TransformersSampler
-from trl_hsstar.toy import generate_problems, problems_to_dataset_dict
+from trl_hsstar.toy import generate_problems, perturbed_copy, problems_to_dataset_dict
 from trl_hsstar.toy.oracle import OracleStepReward
 
 PROMPTS = [f"Q: {q}\nA: " for q in ("1+2", "3+4+5", "9+8+7+6", "2+2+2+2+2", "5+1", "7+3+9")]
@@ -52,18 +52,6 @@ def greedy(sampler, prompts=PROMPTS, max_new_tokens=48):
 def transformers_greedy(model_dir, prompts=PROMPTS):
     model, tok = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
     return greedy(TransformersSampler(model, tok, progress=False), prompts)
-
-
-def perturbed_copy(src, dst, scale=0.02, seed=1):
-    """The reasoner with noise added to every weight: the same architecture, other outputs."""
-    model = AutoModelForCausalLM.from_pretrained(src)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * scale)
-    model.save_pretrained(dst)
-    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
-    return dst
 
 
 def loop_args(**overrides) -> HSStarConfig:

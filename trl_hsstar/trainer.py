@@ -738,22 +738,22 @@ def engine_cuda_devices(
     """``CUDA_VISIBLE_DEVICES`` of the engine of training process ``local_index`` (of ``local_processes`` on this
     machine), for ``vllm_mode="colocate"``: its own GPU, or its own ``tensor_parallel_size`` GPUs, out of the ones
     visible to the trainer. A layout that does not fit is refused with the fix."""
-    devices = (
-        [d.strip() for d in visible.split(",") if d.strip()]
-        if visible
-        else [str(i) for i in range(device_count)]
-    )
-    first = local_index * tensor_parallel_size if local_processes > 1 else 0
-    if first + tensor_parallel_size > len(devices):
+    devices = [d.strip() for d in (visible or "").split(",") if d.strip()] or [
+        str(i) for i in range(device_count)
+    ]
+    if local_processes == 1:  # one process: its engine may span as many visible GPUs as it asks for
+        needed, mine = tensor_parallel_size, devices
+    else:
+        needed = local_processes * tensor_parallel_size
+        mine = devices[local_index * tensor_parallel_size : (local_index + 1) * tensor_parallel_size]
+    if needed > len(devices):
         raise ValueError(
             f"`vllm_tensor_parallel_size={tensor_parallel_size}` with {local_processes} training process(es) on this "
-            f"machine needs {local_processes * tensor_parallel_size} GPUs for the colocated engines, and "
-            f"{len(devices)} are visible. Lower `vllm_tensor_parallel_size`, or run vLLM as a server on GPUs of its "
-            "own (`vllm_mode='server'`, `hsstar vllm-serve`)."
+            f"machine needs {needed} GPUs for the colocated engines, and {len(devices)} are visible. Lower "
+            "`vllm_tensor_parallel_size`, or run vLLM as a server on GPUs of its own (`vllm_mode='server'`, "
+            "`hsstar vllm-serve`)."
         )
-    if local_processes == 1:  # one process: its engine may span as many visible GPUs as it asks for
-        return ",".join(devices)
-    return ",".join(devices[first : first + tensor_parallel_size])
+    return ",".join(mine)
 
 
 def _ids_digest(rows: list[dict]) -> str:

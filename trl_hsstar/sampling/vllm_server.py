@@ -52,9 +52,17 @@ class _Unreachable(EngineError):
     """No answer from the server at all (refused, reset, timed out): it may be restarting."""
 
 
+class _HTTPError(EngineError):
+    """The server answered with an HTTP error status (``status``)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
 def _http(method: str, url: str, body: dict | None = None, timeout: float | None = 30.0) -> Any:
-    """One JSON request. Returns the decoded reply (``None`` for an empty body, text for a plain-text one); raises :class:`_Unreachable` if the
-    server does not answer, :class:`EngineError` with its message if it answers with an error."""
+    """One JSON request. Returns the decoded reply (``None`` for an empty body, text for a plain-text one); raises
+    :class:`_Unreachable` if the server does not answer, :class:`_HTTPError` if it answers with an error status."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(
         url, data=data, method=method, headers={"Content-Type": "application/json"}
@@ -64,7 +72,7 @@ def _http(method: str, url: str, body: dict | None = None, timeout: float | None
             text = reply.read()
     except urllib.error.HTTPError as error:
         detail = error.read().decode(errors="replace")[:2000]
-        raise EngineError(f"{method} {url} failed with HTTP {error.code}: {detail}") from error
+        raise _HTTPError(f"{method} {url} failed with HTTP {error.code}: {detail}", error.code) from error
     except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
         raise _Unreachable(f"{method} {url}: no answer ({error})") from error
     if not text.strip():
@@ -187,8 +195,8 @@ class VLLMServerSampler(VLLMBackend):
     def _dev(self, path: str, body: dict | None = None) -> Any:
         try:
             return self._post(path, body)
-        except EngineError as error:
-            if "HTTP 404" in str(error) or "HTTP 405" in str(error):
+        except _HTTPError as error:
+            if error.status in (404, 405):
                 raise EngineError(
                     f"the vLLM server at {self.base_url} has no {path.split('?')[0]} endpoint: start it with "
                     "`VLLM_SERVER_DEV_MODE=1` (`hsstar vllm-serve` does)."
@@ -207,18 +215,16 @@ class VLLMServerSampler(VLLMBackend):
         if not register:
             self.weights, self.adapter, self._adapter_path = path, None, None
             return 0.0
-        self.wait_ready()
         start = time.perf_counter()
         try:
             self._dev("/collective_rpc", {"method": "hsstar_reload", "kwargs": {"weights_path": path}})
-        except EngineError as error:
-            if "hsstar_reload" in str(error):
-                raise EngineError(
-                    f"the vLLM server at {self.base_url} was not started with trl-hsstar's worker extension, which "
-                    "reloads weights in place (and re-ties tied embeddings): start it with `hsstar vllm-serve`, or "
-                    f"add `--worker-extension-cls {vllm_ext.WORKER_EXTENSION}` with {vllm_ext.PATH} on PYTHONPATH."
-                ) from error
-            raise
+        except _HTTPError as error:
+            raise EngineError(
+                f"the vLLM server at {self.base_url} could not reload {path} in place ({error}). The checkpoint must "
+                "be readable by the server, and the server started with trl-hsstar's worker extension, which "
+                "reloads in place and re-ties tied embeddings: start it with `hsstar vllm-serve`, or add "
+                f"`--worker-extension-cls {vllm_ext.WORKER_EXTENSION}` with {vllm_ext.PATH} on PYTHONPATH."
+            ) from error
         self._dev("/reset_prefix_cache")
         self.weights, self.adapter, self._adapter_path = path, None, None
         seconds = time.perf_counter() - start
@@ -244,11 +250,12 @@ class VLLMServerSampler(VLLMBackend):
             return
         name = self.adapter_name(path)
         if register:
-            self.wait_ready()
             try:
                 self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
-            except EngineError as error:
-                if "already" not in str(error).lower():
+            except _HTTPError as error:
+                if not (
+                    error.status == 400 and "already" in str(error).lower()
+                ):  # loaded before: the same files
                     raise EngineError(
                         f"the vLLM server at {self.base_url} could not load the LoRA adapter {path}: {error}. Start it "
                         "with `--enable-lora --max-lora-rank <r>` and `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True` "

@@ -82,3 +82,18 @@ def build_tiny_model(
         torch.manual_seed(seed)
         model = MODEL_CLASSES[task](config)
     return model.to(torch.float32).eval()
+
+
+def perturbed_copy(src, dst, scale: float = 0.02, seed: int = 1):
+    """Save to ``dst`` the causal LM at ``src`` with seeded Gaussian noise (sd ``scale``) added to every weight, and
+    its tokenizer: the same architecture with other outputs, e.g. to check that an engine serves a new checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+    model.save_pretrained(dst)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    return dst
