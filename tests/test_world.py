@@ -92,6 +92,40 @@ def test_training_stops_when_the_target_is_reached_and_mix_is_checked():
         pretrain_reasoner(model, tok, steps=5, schedule_steps=2)
 
 
+def test_the_stop_is_refined_to_the_first_kept_weights_that_pass():
+    """Checked every 8 steps, kept every 2: a stop that first holds at step 5 ends the model at step 6's weights,
+    exactly those of a run trained for 6 steps, and the losses end there too."""
+    tok = build_char_tokenizer()
+    arch = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=1, intermediate_size=64)
+    recipe = dict(batch_size=4, mix=[[2, 1, 1], [3, 1, 1]], schedule_steps=50, seed=3)
+    model = build_tiny_model(tok, seed=3, **arch)
+    calls = []
+
+    def stop(step):
+        calls.append(step)
+        return step >= 5
+
+    losses = pretrain_reasoner(model, tok, steps=50, stop_when=stop, check_every=8, refine_every=2, **recipe)
+    assert calls == [8, 2, 4, 6] and len(losses) == 6
+    reference = build_tiny_model(tok, seed=3, **arch)
+    reference_losses = pretrain_reasoner(reference, tok, steps=6, **recipe)
+    assert losses == reference_losses
+    trained, expected = model.state_dict(), reference.state_dict()
+    assert all(torch.equal(trained[k], expected[k]) for k in expected)
+    # a stop that holds only at the check itself keeps the checked weights
+    late = build_tiny_model(tok, seed=3, **arch)
+    assert (
+        len(
+            pretrain_reasoner(
+                late, tok, steps=50, stop_when=lambda s: s >= 8, check_every=8, refine_every=2, **recipe
+            )
+        )
+        == 8
+    )
+    with pytest.raises(ValueError, match="refine_every"):
+        pretrain_reasoner(late, tok, steps=4, stop_when=stop, check_every=8, refine_every=3)
+
+
 def test_micro_batches_give_the_full_batch_update():
     tok = build_char_tokenizer()
     runs = []

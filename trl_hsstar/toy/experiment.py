@@ -29,7 +29,16 @@ from ..callbacks import HSStarCallback
 from .problems import ArithmeticProblem
 from .world import HELD_OUT_SEED, LEVELS, evaluate_levels, level_of, level_problems
 
-__all__ = ["METHODS", "HeldOutEval", "WorldRun", "held_out_problems", "run_world", "world_problems"]
+__all__ = [
+    "DPO_LEARNING_RATE",
+    "METHODS",
+    "SFT_LEARNING_RATE",
+    "HeldOutEval",
+    "WorldRun",
+    "held_out_problems",
+    "run_world",
+    "world_problems",
+]
 
 ALL_LEVELS = ["easy", "boundary", "hard"]
 METHODS: dict[str, dict[str, Any]] = {
@@ -47,6 +56,14 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 
 
+SFT_LEARNING_RATE = 1e-4
+"""The world's SFT rate: at 3e-4 one iteration could move held-out accuracy by 0.1 either way (the equal-budget
+study of an earlier M_0, docs/benchmarks.md); at 1e-4 every method gained, iteration after iteration."""
+DPO_LEARNING_RATE = 1.5e-5
+"""The world's DPO rate: at 1.5e-4 (the release's DPO/SFT ratio of 0.5 applied to 3e-4) every method fell below
+M_0 in that study; at 1.5e-5 every method gained and the seeds agreed."""
+
+
 @dataclass
 class WorldRun:
     """One run on the world. The defaults are the demo's."""
@@ -60,9 +77,7 @@ class WorldRun:
     num_presamples: int = 3
     reward: str = "prm"  # "prm" (the learned PRM) or "oracle" (the step checker)
     reward_thresholds: tuple[float, float] = (0.25, 0.5)
-    learning_rate: float | None = (
-        None  # None: 3e-4 for SFT, 1.5e-4 for DPO (the release's DPO/SFT ratio, 0.5)
-    )
+    learning_rate: float | None = None  # None: SFT_LEARNING_RATE or DPO_LEARNING_RATE
     per_device_train_batch_size: int = 16
     max_rows_per_problem: int = 4
     extra: dict[str, Any] = field(default_factory=dict)
@@ -153,7 +168,9 @@ def run_world(
     config_cls, trainer_cls = (
         (HSStarConfig, HSStarTrainer) if run.objective == "sft" else (HSStarDPOConfig, HSStarDPOTrainer)
     )
-    lr = run.learning_rate if run.learning_rate is not None else (3e-4 if run.objective == "sft" else 1.5e-4)
+    lr = run.learning_rate
+    if lr is None:
+        lr = SFT_LEARNING_RATE if run.objective == "sft" else DPO_LEARNING_RATE
     longest = max(len(p.rationale()) for p in problems)
     args = config_cls(
         output_dir=str(output_dir),

@@ -53,6 +53,7 @@ def pretrain_reasoner(
     data_seed: int | None = None,
     stop_when: Callable[[int], bool] | None = None,
     check_every: int = 20,
+    refine_every: int | None = None,
     progress: bool = False,
 ) -> list[float]:
     """Train ``model`` in place on reference rationales; returns the loss per step.
@@ -65,8 +66,16 @@ def pretrain_reasoner(
     end keeps an early checkpoint of a longer run, a weak reasoner. ``micro_batches`` splits each batch, sorted by
     length, into that many forward passes (less padding; the gradient is the same, weighted by tokens).
     ``data_seed`` (default ``seed``) seeds the problem stream, ``seed`` the torch RNG. ``stop_when(step)``, called
-    every ``check_every`` steps with the model in eval mode, ends training early when it returns True.
+    every ``check_every`` steps with the model in eval mode, ends training early when it returns True. With
+    ``refine_every`` (a divisor of ``check_every``) the weights are also kept every ``refine_every`` steps between
+    checks, and when ``stop_when`` first holds, those kept weights are checked in order: the model ends at the first
+    of them for which it holds, so the stop is found to ``refine_every`` steps for the cost of checking every
+    ``check_every``. The losses returned end at the step the model ends at.
     """
+    if refine_every is not None and (refine_every < 1 or check_every % refine_every):
+        raise ValueError(
+            f"`refine_every` ({refine_every}) must be a positive divisor of `check_every` ({check_every})."
+        )
     if mix is not None:
         cells = [(int(k), int(d)) for k, d, _ in mix]
         weights = [float(w) for _, _, w in mix]
@@ -92,6 +101,7 @@ def pretrain_reasoner(
     was_training = model.training
     model.train()
     losses = []
+    kept: list[tuple[int, dict]] = []  # (step, weights) since the last check, with refine_every
     bar = tqdm(total=steps, desc="building M_0", unit="step", disable=not progress)
     with torch.random.fork_rng(), bar:
         torch.manual_seed(seed)
@@ -133,11 +143,24 @@ def pretrain_reasoner(
             bar.update()
             if step % 25 == 0:
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            if stop_when is not None and (step + 1) % check_every == 0:
+            if stop_when is None:
+                continue
+            if (step + 1) % check_every == 0:
                 model.eval()
                 stop = stop_when(step + 1)
-                model.train()
                 if stop:
+                    final = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    for at, weights in kept:
+                        model.load_state_dict(weights)
+                        if stop_when(at):
+                            del losses[at:]
+                            break
+                    else:
+                        model.load_state_dict(final)
                     break
+                model.train()
+                kept.clear()
+            elif refine_every is not None and (step + 1) % refine_every == 0:
+                kept.append((step + 1, {k: v.detach().clone() for k, v in model.state_dict().items()}))
     model.train(was_training)
     return losses
