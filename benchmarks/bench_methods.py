@@ -208,11 +208,12 @@ def report(args, records, runs, summary, meta, levels, plots) -> str:
     lines = [start, "", f"## {args.title}", ""]
     lines += [
         f"Command: `{meta['command']}`  ",
-        f"Machine: {meta['machine']}; torch {meta['torch']} with {meta['torch_threads']} threads; load average at "
-        f"start {meta['load_average']}. The {meta['num_runs']} runs took {meta['run_minutes']:.1f} min in all, "
-        f"plus about 3.5 min to build M_0 and the PRM when they are not cached (a rerun reads finished runs back; "
-        f"the invocation that wrote this took {meta['total_minutes']:.1f} min).  ",
-        f"Setup: M_0 `{meta['reasoner']}` (greedy held-out accuracy {meta['initial']['all']:.3f}); reward "
+        f"Machine: {meta['machine']}; torch {meta['torch']} with {meta['torch_threads']} threads, {meta['jobs']} "
+        f"run(s) at a time of {meta['threads_per_run']} thread(s) each; load average at start "
+        f"{meta['load_average']}. The {meta['num_runs']} runs took {meta['run_minutes']:.1f} min of run time in all; "
+        f"the invocation that wrote this took {meta['total_minutes']:.1f} min end to end (a rerun reads finished "
+        "runs back), with M_0 and the PRM built when not cached.  ",
+        f"Setup: M_0 `{meta['reasoner']}` (greedy held-out accuracy {meta['initial']['all']:.3f}; {meta['m0_build']}); reward "
         f"{meta['reward']}; {args.num_iterations} iterations x {args.problems_per_iteration} fresh problems, budget "
         f"B={args.sampling_budget} per problem ({args.problems_per_iteration * args.sampling_budget} samples per "
         f"iteration for every method); held-out: {args.eval_per_level} problems per level, greedy; the learning rate in each table's heading, cosine, one epoch per "
@@ -311,6 +312,23 @@ def write_report(path: Path, section: str, name: str = "") -> None:
     path.write_text(text)
 
 
+def check_work_dir(work: Path, settings: dict) -> None:
+    """A work dir holds the runs of one setting (M_0, PRM, rates, sizes): a finished run is read back only when
+    it was made with the same one. The first invocation records it (``settings.json``); another one is refused."""
+    path = work / "settings.json"
+    if not path.exists():
+        path.write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
+        return
+    before = json.loads(path.read_text())
+    if before != settings:
+        changed = sorted(k for k in {*before, *settings} if before.get(k) != settings.get(k))
+        raise SystemExit(
+            f"{work} holds runs made with other settings ({', '.join(f'{k}: {before.get(k)!r} -> {settings.get(k)!r}' for k in changed)}): "
+            "its records would be read back as if they were this benchmark's. Pass another --work-dir, or delete "
+            f"{work} to start afresh."
+        )
+
+
 def execute(run: dict, *, args, reasoner: str, prm: str | None, initial: dict, work: str) -> tuple[str, dict]:
     """One run of the plan, from M_0 (in this process or in a worker process); its record is saved as it ends."""
     import shutil
@@ -365,7 +383,7 @@ def main(argv=None) -> int:
 
     from trl_hsstar.toy.experiment import held_out_problems
     from trl_hsstar.toy.report import plot_methods
-    from trl_hsstar.toy.world import LEVELS, evaluate_levels, toy_prm_path, toy_reasoner_path
+    from trl_hsstar.toy.world import LEVELS, cpu_name, evaluate_levels, toy_prm_path, toy_reasoner_path
 
     if args.quick:
         args.seeds, args.num_iterations, args.problems_per_iteration, args.eval_per_level = [0], 1, 24, 10
@@ -376,6 +394,11 @@ def main(argv=None) -> int:
     (work / "runs").mkdir(parents=True, exist_ok=True)
     preset = "tiny" if args.quick else "m0"
     reasoner = toy_reasoner_path(args.cache_dir, preset=preset, progress=True)
+    build = Path(reasoner) / "build.json"
+    m0_build = "build not recorded"
+    if build.exists():
+        b = json.loads(build.read_text())
+        m0_build = f"trained {b['steps_trained']} steps in {b['seconds']:.0f} s on {b['cpu']}"
     prm = None
     if args.reward == "prm":
         prm_settings = (
@@ -388,6 +411,15 @@ def main(argv=None) -> int:
     initial = evaluate_levels(
         AutoModelForCausalLM.from_pretrained(reasoner), AutoTokenizer.from_pretrained(reasoner), held_out
     )
+    settings = {
+        "reasoner": Path(reasoner).name,
+        "prm": None if prm is None else Path(prm).name,
+        "sft_learning_rate": SFT_LR,
+        "dpo_learning_rate": DPO_LR,
+        **{k: getattr(args, k) for k in ("num_iterations", "problems_per_iteration", "sampling_budget")},
+        **{k: getattr(args, k) for k in ("eval_per_level", "reward")},
+    }
+    check_work_dir(work, settings)
     runs = plan(args)
     records = {}
     pending = []
@@ -459,7 +491,10 @@ def main(argv=None) -> int:
             plots[objective] = os.path.relpath(image, report_path.parent)
     meta = {
         "command": shlex.join(["hsstar", "bench", *sys.argv[1:]]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
+        "machine": f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
+        "jobs": jobs,
+        "threads_per_run": threads,
+        "m0_build": m0_build,
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "load_average": ", ".join(f"{x:.2f}" if isinstance(x, float) else str(x) for x in load),

@@ -247,7 +247,7 @@ def test_demo_prints_the_table_and_writes_plots(reasoner_dir, tmp_path, capsys, 
     assert fresh_output_dir(tmp_path / "new") == tmp_path / "new"
 
 
-def test_bench_quick_writes_the_report_and_records(reasoner_dir, tmp_path, monkeypatch):
+def test_bench_quick_writes_the_report_and_records(reasoner_dir, tmp_path, monkeypatch, capsys):
     from trl_hsstar.cli import main
 
     report = tmp_path / "benchmarks.md"
@@ -265,7 +265,7 @@ def test_bench_quick_writes_the_report_and_records(reasoner_dir, tmp_path, monke
     ]
     argv += ["--report", str(report), "--results", str(results)]
     monkeypatch.setattr(sys, "argv", ["hsstar", *argv])
-    assert main(argv) == 0
+    assert main([*argv, "--jobs", "2"]) == 0  # two worker processes
     text = report.read_text()
     assert "kept above" in text and "kept below" in text and "old" not in text
     assert "### Main study, SFT" in text and "### Main study, DPO" in text
@@ -276,4 +276,9 @@ def test_bench_quick_writes_the_report_and_records(reasoner_dir, tmp_path, monke
     # a rerun resumes: every finished run is read back, none is redone
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "w" / "runs").iterdir()}
     assert main(argv) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "w" / "runs").iterdir()} == before
+    # records of other settings are never read back as this benchmark's
+    capsys.readouterr()
+    assert main([*argv, "--reward", "oracle"]) == 1
+    assert "reward: 'prm' -> 'oracle'" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "w" / "runs").iterdir()} == before

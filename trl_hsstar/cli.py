@@ -65,8 +65,11 @@ def _bench(args: argparse.Namespace) -> int:
     argv, sys.argv = sys.argv, [str(script), *args.bench_args]
     try:
         runpy.run_path(str(script), run_name="__main__")
-    except SystemExit as exit:  # the script ends with sys.exit(main())
-        return exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+    except SystemExit as exit:  # the script ends with sys.exit(main()), or stops with a message
+        if isinstance(exit.code, int) or exit.code is None:
+            return exit.code or 0
+        print(exit.code, file=sys.stderr)
+        return 1
     finally:
         sys.argv = argv
     return 0
