@@ -312,6 +312,23 @@ def write_report(path: Path, section: str, name: str = "") -> None:
     path.write_text(text)
 
 
+def _worker(threads: int) -> None:
+    """A worker process: its share of the torch threads, and (on Linux) it ends when the benchmark's process
+    does, killed or not, instead of finishing its run unwatched."""
+    import signal
+
+    import torch
+
+    torch.set_num_threads(threads)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() == 1:  # the benchmark ended before prctl took effect
+            os._exit(1)
+
+
 def check_work_dir(work: Path, settings: dict) -> None:
     """A work dir holds the runs of one setting (M_0, PRM, rates, sizes): a finished run is read back only when
     it was made with the same one. The first invocation records it (``settings.json``); another one is refused."""
@@ -453,10 +470,7 @@ def main(argv=None) -> int:
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         executor = ProcessPoolExecutor(
-            jobs,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=torch.set_num_threads,
-            initargs=(threads,),
+            jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker, initargs=(threads,)
         )
         finished = (
             f.result() for f in as_completed([executor.submit(execute, run, **context) for run in pending])

@@ -215,6 +215,13 @@ def test_world_run_spends_the_budget_and_records_held_out_accuracy(reasoner_dir,
         if method == "hsstar-easy" and it["levels"].get("easy"):  # utility study: re-samples on easy only
             others = it["levels"].get("boundary", 0) + it["levels"].get("hard", 0)
             assert it["samples_on_boundary"] + it["samples_on_hard"] == 3 * others
+        # the share of training rows with every step right, recounted here from the rows trained on
+        from trl_hsstar.toy.problems import label_steps
+
+        rows_file = tmp_path / "run" / f"iteration-{it['iteration']}" / "train_rows.jsonl"
+        rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+        clean = [all(label_steps(r["problem_id"], r["completion"])) for r in rows]
+        assert it["clean_row_share"] == (sum(clean) / len(clean) if clean else None)
     manifest = json.loads((tmp_path / "run" / "hsstar_run.json").read_text())
     assert manifest["allocation"] == METHODS[method]["allocation"]
 
@@ -282,3 +289,52 @@ def test_bench_quick_writes_the_report_and_records(reasoner_dir, tmp_path, monke
     assert main([*argv, "--reward", "oracle"]) == 1
     assert "reward: 'prm' -> 'oracle'" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "w" / "runs").iterdir()} == before
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="reads /proc; the workers' guard is Linux-only"
+)
+def test_a_killed_bench_takes_its_worker_processes_with_it(reasoner_dir, tmp_path):
+    import subprocess
+    import time
+
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_methods.py"), "--quick", "--jobs", "2"]
+    cmd += ["--cache-dir", str(Path(reasoner_dir).parent), "--work-dir", str(tmp_path / "w")]
+    cmd += ["--report", str(tmp_path / "b.md"), "--results", str(tmp_path / "b.json")]
+    bench = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in bench.stdout:
+            if "in 2 process(es)" in line:
+                break
+        deadline = time.monotonic() + 120
+        while len(workers := _children(bench.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(workers) >= 2, "the benchmark started no worker processes"
+        time.sleep(3)  # past the workers' start-up
+    finally:
+        bench.kill()
+        bench.wait()
+    deadline = time.monotonic() + 20
+    while any(Path(f"/proc/{w}").exists() and "Z" not in _state(w) for w in workers):
+        assert time.monotonic() < deadline, "worker processes outlived the killed benchmark"
+        time.sleep(0.2)
+    assert not list((tmp_path / "w" / "runs").glob("*.json"))  # no run finished unwatched
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"

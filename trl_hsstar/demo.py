@@ -1,9 +1,9 @@
 """``hsstar demo``: watch HS-STaR work on the embedded world, on a CPU, with no downloads.
 
-1. M_0: the world's tiny reasoner, built from a seed (about 2.5 minutes on 2 cores) or loaded from the cache;
+1. M_0: the world's tiny reasoner, built from a seed (about 2 minutes on 2 cores) or loaded from the cache;
    its greedy accuracy per level is printed.
 2. The PRM: a token-classification model trained on M_0's own samples, labelled step by step by the step
-   checker (about 40 seconds, cached); its held-out step accuracy is printed.
+   checker (about 30 seconds, cached); its held-out step accuracy is printed.
 3. HS-STaR iterations from M_0 (pre-sample, estimate difficulty, re-sample the boundary, train), scored on
    held-out problems of every level after each iteration.
 4. A per-iteration table, ``results.json``, ``summary.md`` and the plots ``levels.png`` and ``accuracy.png`` in

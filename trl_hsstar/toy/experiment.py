@@ -17,6 +17,7 @@ The methods (all at the same total budget, ``sampling_budget`` samples per probl
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from collections import Counter
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..callbacks import HSStarCallback
-from .problems import ArithmeticProblem
+from .problems import ArithmeticProblem, label_steps
 from .world import HELD_OUT_SEED, LEVELS, evaluate_levels, level_of, level_problems
 
 __all__ = [
@@ -130,6 +131,16 @@ def _per_world_level(iteration_dir: Path, budget_planned: int) -> dict[str, Any]
             for line in f:
                 row = json.loads(line)
                 spent[level_of(ArithmeticProblem.from_expression(row["problem_id"]))] += 1
+    # rows (DPO: chosen answers) whose every step the step checker accepts: the rest reach the right answer
+    # through a wrong step, which the reward model was meant to rank last
+    clean, rows = 0, 0
+    rows_file = iteration_dir / "train_rows.jsonl"
+    with open(rows_file) if rows_file.exists() else open(os.devnull) as f:
+        for line in f:
+            row = json.loads(line)
+            completion = row["completion"] if "completion" in row else row["chosen"]
+            rows += 1
+            clean += all(label_steps(row["problem_id"], completion))
     with open(iteration_dir / "levels.jsonl") as f:
         for line in f:
             row = json.loads(line)
@@ -138,6 +149,7 @@ def _per_world_level(iteration_dir: Path, budget_planned: int) -> dict[str, Any]
     return {
         "levels_by_world_level": {w: dict(c) for w, c in sorted(levels.items())},
         "samples_by_world_level": dict(sorted(spent.items())),
+        "clean_row_share": clean / rows if rows else None,
     }
 
 

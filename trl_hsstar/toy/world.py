@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_REASONER",
     "LEVELS",
     "REASONER_PRESETS",
+    "build_reasoner",
     "cache_root",
     "cpu_name",
     "evaluate_levels",
@@ -142,6 +143,63 @@ def _accuracy_reached(settings: dict, tokenizer, model):
     return stop
 
 
+def build_reasoner(settings: dict, *, perturb: float = 0.0, progress: bool = False):
+    """Train a reasoner from the full ``settings`` of a preset; returns ``(model, tokenizer, build)``, ``build``
+    saying how many steps it trained and how long it took, on which CPU and torch threads.
+
+    ``perturb`` multiplies every initial weight by ``1 + perturb * N(0, 1)`` (a fixed draw): with ``1e-6`` it
+    stands in for another CPU's floating-point path, to measure how much the result depends on that path
+    (``benchmarks/bench_m0.py``). :func:`toy_reasoner_path` builds with ``0``.
+    """
+    import time
+
+    import torch
+
+    from .model import build_tiny_model
+    from .tokenizer import build_char_tokenizer
+    from .train import pretrain_reasoner
+
+    tokenizer = build_char_tokenizer()
+    arch = {k: settings[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim")}
+    model = build_tiny_model(
+        tokenizer, intermediate_size=settings["intermediate_size"], seed=settings["seed"], **arch
+    )
+    if perturb:
+        draw = torch.Generator().manual_seed(12345)
+        with torch.no_grad():
+            for weight in model.parameters():
+                weight.mul_(1 + perturb * torch.randn(weight.shape, generator=draw))
+    started = time.monotonic()
+    losses = pretrain_reasoner(  # seeds its own forked RNG
+        model,
+        tokenizer,
+        steps=settings["steps"],
+        batch_size=settings["batch_size"],
+        learning_rate=settings["learning_rate"],
+        operands=tuple(settings["operands"]),
+        digits=tuple(settings["digits"]),
+        mix=settings["mix"],
+        schedule_steps=settings["schedule_steps"],
+        micro_batches=settings["micro_batches"],
+        seed=settings["seed"],
+        data_seed=settings["data_seed"],
+        stop_when=None
+        if settings["target_accuracy"] is None
+        else _accuracy_reached(settings, tokenizer, model),
+        check_every=settings["check_every"],
+        refine_every=settings["refine_every"],
+        progress=progress,
+    )
+    build = {
+        "steps_trained": len(losses),
+        "final_loss": losses[-1] if losses else None,
+        "seconds": round(time.monotonic() - started, 1),
+        "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_name(),
+    }
+    return model, tokenizer, build
+
+
 def toy_reasoner_path(
     cache_dir: str | os.PathLike | None = None, preset: str = "tiny", *, progress: bool = False, **overrides
 ) -> Path:
@@ -165,40 +223,7 @@ def toy_reasoner_path(
     if (path / "config.json").exists():
         return path
 
-    from .model import build_tiny_model
-    from .tokenizer import build_char_tokenizer
-    from .train import pretrain_reasoner
-
-    tokenizer = build_char_tokenizer()
-    arch = {k: settings[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim")}
-    model = build_tiny_model(
-        tokenizer, intermediate_size=settings["intermediate_size"], seed=settings["seed"], **arch
-    )
-    import time
-
-    import torch
-
-    started = time.monotonic()
-    losses = pretrain_reasoner(  # seeds its own forked RNG
-        model,
-        tokenizer,
-        steps=settings["steps"],
-        batch_size=settings["batch_size"],
-        learning_rate=settings["learning_rate"],
-        operands=tuple(settings["operands"]),
-        digits=tuple(settings["digits"]),
-        mix=settings["mix"],
-        schedule_steps=settings["schedule_steps"],
-        micro_batches=settings["micro_batches"],
-        seed=settings["seed"],
-        data_seed=settings["data_seed"],
-        stop_when=None
-        if settings["target_accuracy"] is None
-        else _accuracy_reached(settings, tokenizer, model),
-        check_every=settings["check_every"],
-        refine_every=settings["refine_every"],
-        progress=progress,
-    )
+    model, tokenizer, build = build_reasoner(settings, progress=progress)
     tmp = root / f".toy-reasoner-{key}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -206,13 +231,6 @@ def toy_reasoner_path(
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "toy_reasoner.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
-    build = {
-        "steps_trained": len(losses),
-        "final_loss": losses[-1] if losses else None,
-        "seconds": round(time.monotonic() - started, 1),
-        "torch_threads": torch.get_num_threads(),
-        "cpu": cpu_name(),
-    }
     (tmp / "build.json").write_text(json.dumps(build, indent=2) + "\n")
     if preset != "tiny":
         table = evaluate_levels(
