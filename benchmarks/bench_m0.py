@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_methods import write_report  # noqa: E402
 
+MARKS = ("<!-- bench_m0:start -->", "<!-- bench_m0:end -->")
 RULES = {
     "shipped": {},
     "before": {"probe_per_cell": 20, "refine_every": None},
@@ -101,14 +102,14 @@ def main(argv=None) -> int:
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     if args.output:
-        write_report(Path(args.output), section(meta, rows), "bench_m0")
+        write_report(Path(args.output), section(meta, rows), marks=MARKS)
         print(f"report: {args.output}")
     return 0
 
 
 def section(meta: dict, rows: list[dict]) -> str:
     lines = [
-        "<!-- bench_m0:start -->",
+        MARKS[0],
         "## M_0 on other floating-point paths (`benchmarks/bench_m0.py`)",
         "",
         "M_0 is a snapshot of a from-scratch run taken while it learns to carry, and the step at which that "
@@ -145,7 +146,7 @@ def section(meta: dict, rows: list[dict]) -> str:
             f"- {rule}: {min(values):.3f} to {max(values):.3f} (spread {spread:.3f}, mean {statistics.mean(values):.3f}); "
             f"steps {min(steps)} to {max(steps)}"
         )
-    lines += ["", "<!-- bench_m0:end -->"]
+    lines += ["", MARKS[1]]
     return "\n".join(lines)
 
 

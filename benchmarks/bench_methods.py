@@ -171,6 +171,27 @@ def _mean_sd(values):
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
+def _values(records: dict, runs: list[dict], field: str) -> str:
+    """The values of one field over the records of the plan, as text ("1", "1 or 2"; "not recorded")."""
+    values = sorted({records[key(r)][field] for r in runs if field in records.get(key(r), {})})
+    return " or ".join(map(str, values)) if values else "not recorded"
+
+
+def _span_minutes(recs) -> float | None:
+    """Minutes from the start of the first run to the end of the last, over every invocation (None for
+    records without times)."""
+    if not recs or any("finished_at" not in r for r in recs):
+        return None
+    return (
+        max(r["finished_at"] for r in recs) - min(r["finished_at"] - r["wall_seconds"] for r in recs)
+    ) / 60
+
+
+def _mean_or_none(values):
+    values = [v for v in values if v is not None]
+    return statistics.mean(values) if values else None
+
+
 def _final(record):
     return record["iterations"][-1]["held_out"]
 
@@ -197,6 +218,8 @@ def summarise(records: dict[str, dict], runs: list[dict], levels) -> dict:
             "samples_on_easy": statistics.mean(it["samples_on_easy"] for it in its),
             "samples_on_boundary": statistics.mean(it["samples_on_boundary"] for it in its),
             "samples_on_hard": statistics.mean(it["samples_on_hard"] for it in its),
+            "clean_row_share": _mean_or_none(it.get("clean_row_share") for it in its),
+            "final_by_seed": {r["run"]["seed"]: _final(r)["all"] for r in recs},
             "budget_exact": all(it["budget_spent"] == it["budget_planned"] for it in its),
             "wall_seconds": statistics.mean(r["wall_seconds"] for r in recs),
         }
@@ -208,11 +231,16 @@ def report(args, records, runs, summary, meta, levels, plots) -> str:
     lines = [start, "", f"## {args.title}", ""]
     lines += [
         f"Command: `{meta['command']}`  ",
-        f"Machine: {meta['machine']}; torch {meta['torch']} with {meta['torch_threads']} threads, {meta['jobs']} "
-        f"run(s) at a time of {meta['threads_per_run']} thread(s) each; load average at start "
-        f"{meta['load_average']}. The {meta['num_runs']} runs took {meta['run_minutes']:.1f} min of run time in all; "
-        f"the invocation that wrote this took {meta['total_minutes']:.1f} min end to end (a rerun reads finished "
-        "runs back), with M_0 and the PRM built when not cached.  ",
+        f"Machine: {meta['machine']}; torch {meta['torch']}; the runs had {meta['threads_per_run']} torch thread(s) "
+        f"each{'' if meta['jobs'] == 'not recorded' else ', ' + meta['jobs'] + ' at a time'}; load average at start "
+        f"{meta['load_average']}. The {meta['num_runs']} runs took {meta['run_minutes']:.1f} min of run time in all"
+        + (
+            ""
+            if meta.get("span_minutes") is None
+            else f", {meta['span_minutes']:.1f} min from the first run's start to the last run's end"
+        )
+        + f"; the invocation that wrote this took {meta['total_minutes']:.1f} min end to end (a rerun reads "
+        "finished runs back; M_0 and the PRM are built when not cached).  ",
         f"Setup: M_0 `{meta['reasoner']}` (greedy held-out accuracy {meta['initial']['all']:.3f}; {meta['m0_build']}); reward "
         f"{meta['reward']}; {args.num_iterations} iterations x {args.problems_per_iteration} fresh problems, budget "
         f"B={args.sampling_budget} per problem ({args.problems_per_iteration * args.sampling_budget} samples per "
@@ -233,6 +261,7 @@ def report(args, records, runs, summary, meta, levels, plots) -> str:
             "gain",
             *levels,
             "useful rows / 1k samples",
+            "rows with every step right",
             "samples on easy / boundary / hard per iteration",
             "budget exact",
             "wall s / run",
@@ -252,6 +281,7 @@ def report(args, records, runs, summary, meta, levels, plots) -> str:
                         _mean_sd(s["gain"]),
                         *(f"{statistics.mean(s['per_level'][lv]):.2f}" for lv in levels),
                         f"{s['useful_rows_per_1000']:.0f}",
+                        "n/a" if s["clean_row_share"] is None else f"{100 * s['clean_row_share']:.0f}%",
                         f"{s['samples_on_easy']:.0f} / {s['samples_on_boundary']:.0f} / {s['samples_on_hard']:.0f}",
                         "yes" if s["budget_exact"] else "NO",
                         f"{s['wall_seconds']:.0f}",
@@ -260,6 +290,26 @@ def report(args, records, runs, summary, meta, levels, plots) -> str:
                 + " |"
             )
         lines.append("")
+        base = summary.get((objective, "hsstar", 3))
+        pairs = []
+        for method in MAIN_METHODS[:1] + MAIN_METHODS[2:]:  # hsstar against each baseline, seed by seed
+            other = summary.get((objective, method, 3))
+            if base is None or other is None:
+                continue
+            seeds = sorted(set(base["final_by_seed"]) & set(other["final_by_seed"]))
+            diffs = [base["final_by_seed"][k] - other["final_by_seed"][k] for k in seeds]
+            if diffs:
+                wins = sum(d > 0 for d in diffs)
+                pairs.append(
+                    f"{method} "
+                    + ", ".join(f"{d:+.3f}" for d in diffs)
+                    + f" (ahead on {wins} of {len(diffs)})"
+                )
+        if pairs:
+            lines += [
+                "hsstar minus each baseline, final accuracy, seed by seed: " + "; ".join(pairs) + ".",
+                "",
+            ]
         lines.append("Held-out accuracy after each iteration (mean over seeds; M_0 first):")
         lines.append("")
         for method in MAIN_METHODS:
@@ -301,8 +351,9 @@ def report(args, records, runs, summary, meta, levels, plots) -> str:
     return "\n".join(lines)
 
 
-def write_report(path: Path, section: str, name: str = "") -> None:
-    START, END = markers(name)
+def write_report(path: Path, section: str, name: str = "", *, marks: tuple[str, str] | None = None) -> None:
+    """Put ``section`` between the markers of ``name`` (or ``marks``) in ``path``, else at its end."""
+    START, END = marks or markers(name)
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     if START in text and END in text:
         text = text[: text.index(START)] + section + text[text.index(END) + len(END) :]
@@ -346,7 +397,9 @@ def check_work_dir(work: Path, settings: dict) -> None:
         )
 
 
-def execute(run: dict, *, args, reasoner: str, prm: str | None, initial: dict, work: str) -> tuple[str, dict]:
+def execute(
+    run: dict, *, args, reasoner: str, prm: str | None, initial: dict, work: str, jobs: int = 1
+) -> tuple[str, dict]:
     """One run of the plan, from M_0 (in this process or in a worker process); its record is saved as it ends."""
     import shutil
 
@@ -384,6 +437,8 @@ def execute(run: dict, *, args, reasoner: str, prm: str | None, initial: dict, w
     )
     record["study"] = run["study"]
     record["torch_threads"] = torch.get_num_threads()
+    record["jobs"] = jobs  # runs at a time when this one ran
+    record["finished_at"] = time.time()
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1))
     os.replace(tmp, path)
@@ -461,6 +516,7 @@ def main(argv=None) -> int:
         prm=None if prm is None else str(prm),
         initial=initial,
         work=str(work),
+        jobs=jobs,
     )
     if jobs == 1:
         finished = (execute(run, **context) for run in pending)
@@ -506,8 +562,8 @@ def main(argv=None) -> int:
     meta = {
         "command": shlex.join(["hsstar", "bench", *sys.argv[1:]]),
         "machine": f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
-        "jobs": jobs,
-        "threads_per_run": threads,
+        "jobs": _values(records, runs, "jobs"),
+        "threads_per_run": _values(records, runs, "torch_threads"),
         "m0_build": m0_build,
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
@@ -515,6 +571,7 @@ def main(argv=None) -> int:
         "total_minutes": (time.monotonic() - start) / 60,
         "num_runs": len(runs),
         "run_minutes": sum(records[key(r)]["wall_seconds"] for r in runs if key(r) in records) / 60,
+        "span_minutes": _span_minutes([records[key(r)] for r in runs if key(r) in records]),
         "reasoner": f"{preset} ({Path(reasoner).name})",
         "reward": "the learned PRM (Math-Shepherd layout)" if prm else "the exact step checker (oracle)",
         "initial": initial,

@@ -56,6 +56,22 @@ def test_m0_builder_is_deterministic(tmp_path):
     assert toy_reasoner_path(tmp_path / "a", preset="m0", **TINY_M0) == a
 
 
+def test_build_reasoner_is_the_builder_and_perturb_nudges_the_start(tmp_path):
+    from trl_hsstar.toy.world import build_reasoner
+
+    settings = {**REASONER_PRESETS["m0"], **TINY_M0}
+    model, _, build = build_reasoner(settings)
+    cached = _weights(toy_reasoner_path(tmp_path, preset="m0", **TINY_M0))
+    assert all(torch.equal(model.state_dict()[k], cached[k]) for k in cached)  # what toy_reasoner_path saves
+    assert build["steps_trained"] == TINY_M0["steps"] and build["torch_threads"] == torch.get_num_threads()
+    assert (
+        json.loads((next(tmp_path.glob("toy-reasoner-*")) / "build.json").read_text())["steps_trained"] == 6
+    )
+    nudged, _, _ = build_reasoner(settings, perturb=1e-6)
+    diffs = [(nudged.state_dict()[k] - cached[k]).abs().max().item() for k in cached]
+    assert 0 < max(diffs) < 0.5  # another start, close to the first
+
+
 def test_unknown_preset_or_setting_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="preset"):
         toy_reasoner_path(tmp_path, preset="huge")

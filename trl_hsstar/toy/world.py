@@ -63,9 +63,10 @@ REASONER_PRESETS: dict[str, dict] = {
     # M_0 of `hsstar demo` and `hsstar bench`: about 0.7M parameters, about 2 minutes on 2 cores, trained on a
     # mix skewed to short one-digit sums (so long sums and two-digit sums stay hard) until its greedy accuracy on
     # a probe reaches `target_accuracy`. The step at which that happens moves by tens of steps with the smallest
-    # change of the floating-point path (another CPU; a 1e-6 nudge of the initial weights moved it from 300 to
-    # 380), and accuracy climbs by up to 0.17 in 10 steps there, so the stop is found to `refine_every` steps:
-    # the probe runs every `check_every` steps, and the weights kept between its runs are probed when it passes.
+    # change of the floating-point path (another thread count, or a 1e-6 nudge of the initial weights, moved it
+    # from 300 to 340-360), and accuracy climbs by up to 0.17 in 10 steps there. So the probe runs every
+    # `check_every` steps, and when it passes, the weights kept between its runs are probed to find the stop to
+    # `refine_every` steps. M_0 still differs in strength from one path to another (benchmarks/bench_m0.py).
     "m0": {
         "hidden_size": 128,
         "num_hidden_layers": 4,
@@ -116,9 +117,8 @@ def cpu_name() -> str:
 def _accuracy_reached(settings: dict, tokenizer, model):
     """``stop_when`` for M_0: greedy accuracy on a probe (``probe_per_cell`` problems of each trained cell, never
     a held-out problem) reaches ``target_accuracy``. Stopping on a measured accuracy rather than a step count
-    gives a reasoner of the same strength (strong on short sums, weak on long ones) whatever the machine's
-    floating-point path, where a fixed step count would not: that path moves the step at which the accuracy
-    climbs by tens of steps."""
+    follows the jump in accuracy wherever the machine's floating-point path puts it (tens of steps earlier or
+    later); how strong M_0 is at the stop still varies from path to path (``benchmarks/bench_m0.py``)."""
     if not settings["mix"] or settings["probe_per_cell"] < 1:
         raise ValueError("`target_accuracy` needs a `mix` to probe and `probe_per_cell` >= 1.")
     cells = [f"{k}x{d}" for k, d, _ in settings["mix"]]
