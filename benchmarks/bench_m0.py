@@ -56,16 +56,14 @@ def main(argv=None) -> int:
     import torch
 
     from trl_hsstar.toy.world import (
-        HELD_OUT_SEED,
-        LEVELS,
         REASONER_PRESETS,
         build_reasoner,
         cpu_name,
         evaluate_levels,
-        level_problems,
+        held_out_problems,
     )
 
-    held_out = level_problems(LEVELS, 100, seed=HELD_OUT_SEED)
+    held_out = held_out_problems()
     load = os.getloadavg()
     rows = []
     for rule in args.rules:
@@ -108,6 +106,7 @@ def main(argv=None) -> int:
 
 
 def section(meta: dict, rows: list[dict]) -> str:
+    levels = [lv for lv in rows[0]["held_out"] if lv != "all"]
     lines = [
         MARKS[0],
         "## M_0 on other floating-point paths (`benchmarks/bench_m0.py`)",
@@ -127,14 +126,14 @@ def section(meta: dict, rows: list[dict]) -> str:
         "",
         f"Machine: {meta['machine']}; torch {meta['torch']}; load average at start {meta['load_average']}.",
         "",
-        "| rule | path | stopped at step | " + " | ".join(_levels(rows)) + " | all | build s |",
-        "|---|---|---:|" + "---:|" * (len(_levels(rows)) + 2),
+        "| rule | path | stopped at step | " + " | ".join(levels) + " | all | build s |",
+        "|---|---|---:|" + "---:|" * (len(levels) + 2),
     ]
     for r in rows:
         t = r["held_out"]
         lines.append(
             f"| {r['rule']} | {r['path']} | {r['steps']} | "
-            + " | ".join(f"{t[lv]:.2f}" for lv in _levels(rows))
+            + " | ".join(f"{t[lv]:.2f}" for lv in levels)
             + f" | **{t['all']:.3f}** | {r['seconds']:.0f} |"
         )
     lines += ["", "Spread of held-out accuracy over the paths, per rule (max - min):", ""]
@@ -148,10 +147,6 @@ def section(meta: dict, rows: list[dict]) -> str:
         )
     lines += ["", MARKS[1]]
     return "\n".join(lines)
-
-
-def _levels(rows):
-    return [lv for lv in rows[0]["held_out"] if lv != "all"]
 
 
 if __name__ == "__main__":

@@ -171,9 +171,9 @@ def _mean_sd(values):
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def _values(records: dict, runs: list[dict], field: str) -> str:
-    """The values of one field over the records of the plan, as text ("1", "1 or 2"; "not recorded")."""
-    values = sorted({records[key(r)][field] for r in runs if field in records.get(key(r), {})})
+def _values(recs: list[dict], field: str) -> str:
+    """The values of one field over records, as text ("1", "1 or 2"; "not recorded")."""
+    values = sorted({r[field] for r in recs if field in r})
     return " or ".join(map(str, values)) if values else "not recorded"
 
 
@@ -292,7 +292,7 @@ def report(args, records, runs, summary, meta, levels, plots) -> str:
         lines.append("")
         base = summary.get((objective, "hsstar", 3))
         pairs = []
-        for method in MAIN_METHODS[:1] + MAIN_METHODS[2:]:  # hsstar against each baseline, seed by seed
+        for method in (m for m in MAIN_METHODS if m != "hsstar"):  # against each baseline, seed by seed
             other = summary.get((objective, method, 3))
             if base is None or other is None:
                 continue
@@ -488,8 +488,16 @@ def main(argv=None) -> int:
         "prm": None if prm is None else Path(prm).name,
         "sft_learning_rate": SFT_LR,
         "dpo_learning_rate": DPO_LR,
-        **{k: getattr(args, k) for k in ("num_iterations", "problems_per_iteration", "sampling_budget")},
-        **{k: getattr(args, k) for k in ("eval_per_level", "reward")},
+        **{
+            k: getattr(args, k)
+            for k in (
+                "num_iterations",
+                "problems_per_iteration",
+                "sampling_budget",
+                "eval_per_level",
+                "reward",
+            )
+        },
     }
     check_work_dir(work, settings)
     runs = plan(args)
@@ -559,19 +567,20 @@ def main(argv=None) -> int:
         image.parent.mkdir(parents=True, exist_ok=True)
         if plot_methods(curves, image, title=f"{objective}: held-out accuracy, mean and seed range"):
             plots[objective] = os.path.relpath(image, report_path.parent)
+    done = [records[key(r)] for r in runs if key(r) in records]
     meta = {
         "command": shlex.join(["hsstar", "bench", *sys.argv[1:]]),
         "machine": f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
-        "jobs": _values(records, runs, "jobs"),
-        "threads_per_run": _values(records, runs, "torch_threads"),
+        "jobs": _values(done, "jobs"),
+        "threads_per_run": _values(done, "torch_threads"),
         "m0_build": m0_build,
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "load_average": ", ".join(f"{x:.2f}" if isinstance(x, float) else str(x) for x in load),
         "total_minutes": (time.monotonic() - start) / 60,
         "num_runs": len(runs),
-        "run_minutes": sum(records[key(r)]["wall_seconds"] for r in runs if key(r) in records) / 60,
-        "span_minutes": _span_minutes([records[key(r)] for r in runs if key(r) in records]),
+        "run_minutes": sum(r["wall_seconds"] for r in done) / 60,
+        "span_minutes": _span_minutes(done),
         "reasoner": f"{preset} ({Path(reasoner).name})",
         "reward": "the learned PRM (Math-Shepherd layout)" if prm else "the exact step checker (oracle)",
         "initial": initial,

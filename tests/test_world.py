@@ -296,6 +296,8 @@ def test_bench_quick_writes_the_report_and_records(reasoner_dir, tmp_path, monke
     assert len(records) == 8  # 4 methods x 2 objectives x 1 seed
     for rec in records.values():
         assert all(it["budget_spent"] == it["budget_planned"] for it in rec["iterations"])
+        # run two at a time, in worker processes with the torch threads split between them
+        assert rec["jobs"] == 2 and rec["torch_threads"] == max(1, torch.get_num_threads() // 2)
     # a rerun resumes: every finished run is read back, none is redone
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "w" / "runs").iterdir()}
     assert main(argv) == 0

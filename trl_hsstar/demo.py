@@ -22,6 +22,8 @@ __all__ = ["add_arguments", "fresh_output_dir", "run_demo"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .toy.world import HELD_OUT_PER_LEVEL
+
     parser.add_argument("--output-dir", default="runs/demo", help="where results, plots and checkpoints go")
     parser.add_argument("--num-iterations", type=int, default=3)
     parser.add_argument("--problems-per-iteration", type=int, default=256)
@@ -43,7 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="default: 1e-4 for SFT, 1.5e-5 for DPO (the rates at which every method gained on the world)",
     )
-    parser.add_argument("--eval-per-level", type=int, default=100, help="held-out problems per level")
+    parser.add_argument(
+        "--eval-per-level", type=int, default=HELD_OUT_PER_LEVEL, help="held-out problems per level"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--cache-dir", default=None, help="where M_0 and the PRM are cached (default: ~/.cache)"
@@ -72,7 +76,7 @@ def run_demo(args: argparse.Namespace) -> dict:
 
     from .toy.experiment import WorldRun, held_out_problems, run_world, world_problems
     from .toy.report import iteration_table, plot_run
-    from .toy.world import toy_prm_path, toy_reasoner_path
+    from .toy.world import HELD_OUT_PER_LEVEL, toy_prm_path, toy_reasoner_path
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     run = WorldRun(  # validates method, objective and reward before anything is built
@@ -132,8 +136,8 @@ def run_demo(args: argparse.Namespace) -> dict:
         output_dir=output_dir,
         held_out=held_out,
         problems=problems,
-        # levels.json holds M_0's greedy accuracy on these very problems (100 of each level)
-        initial_eval=m0_table if args.eval_per_level == 100 else None,
+        # levels.json holds M_0's greedy accuracy on these very problems
+        initial_eval=m0_table if args.eval_per_level == HELD_OUT_PER_LEVEL else None,
         progress=True,
     )
     result["total_seconds"] = round(time.monotonic() - start, 1)

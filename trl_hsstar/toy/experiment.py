@@ -17,7 +17,6 @@ The methods (all at the same total budget, ``sampling_budget`` samples per probl
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from collections import Counter
@@ -28,7 +27,7 @@ from typing import Any
 
 from ..callbacks import HSStarCallback
 from .problems import ArithmeticProblem, label_steps
-from .world import HELD_OUT_SEED, LEVELS, evaluate_levels, level_of, level_problems
+from .world import LEVELS, evaluate_levels, held_out_problems, level_of, level_problems
 
 __all__ = [
     "DPO_LEARNING_RATE",
@@ -92,11 +91,6 @@ class WorldRun:
             raise ValueError(f"`reward` must be 'prm' or 'oracle', got {self.reward!r}.")
 
 
-def held_out_problems(per_level: int = 100) -> list[ArithmeticProblem]:
-    """The fixed held-out problems: ``per_level`` of every level, never drawn for training."""
-    return level_problems(LEVELS, per_level, seed=HELD_OUT_SEED)
-
-
 def world_problems(
     n: int, *, seed: int, exclude: Sequence[ArithmeticProblem] = ()
 ) -> list[ArithmeticProblem]:
@@ -122,7 +116,7 @@ class HeldOutEval(HSStarCallback):
         self.history.append(table)
 
 
-def _per_world_level(iteration_dir: Path, budget_planned: int) -> dict[str, Any]:
+def _per_world_level(iteration_dir: Path) -> dict[str, Any]:
     """Level counts and samples spent per world level (``"6x1"``...), from the iteration's artifacts."""
     levels: dict[str, Counter] = {}
     spent: Counter = Counter()
@@ -133,14 +127,9 @@ def _per_world_level(iteration_dir: Path, budget_planned: int) -> dict[str, Any]
                 spent[level_of(ArithmeticProblem.from_expression(row["problem_id"]))] += 1
     # rows (DPO: chosen answers) whose every step the step checker accepts: the rest reach the right answer
     # through a wrong step, which the reward model was meant to rank last
-    clean, rows = 0, 0
     rows_file = iteration_dir / "train_rows.jsonl"
-    with open(rows_file) if rows_file.exists() else open(os.devnull) as f:
-        for line in f:
-            row = json.loads(line)
-            completion = row["completion"] if "completion" in row else row["chosen"]
-            rows += 1
-            clean += all(label_steps(row["problem_id"], completion))
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
+    clean = sum(all(label_steps(r["problem_id"], r.get("completion", r.get("chosen")))) for r in rows)
     with open(iteration_dir / "levels.jsonl") as f:
         for line in f:
             row = json.loads(line)
@@ -149,7 +138,7 @@ def _per_world_level(iteration_dir: Path, budget_planned: int) -> dict[str, Any]
     return {
         "levels_by_world_level": {w: dict(c) for w, c in sorted(levels.items())},
         "samples_by_world_level": dict(sorted(spent.items())),
-        "clean_row_share": clean / rows if rows else None,
+        "clean_row_share": clean / len(rows) if rows else None,
     }
 
 
@@ -248,7 +237,7 @@ def run_world(
                 "samples_on_hard": per_level.get("hard", 0),
                 "presample_accuracy": stats["presample_accuracy"],
                 "train_loss": stats.get("train_loss"),
-                **_per_world_level(output_dir / f"iteration-{t}", stats["budget_planned"]),
+                **_per_world_level(output_dir / f"iteration-{t}"),
             }
         )
     return {

@@ -20,12 +20,14 @@ from .problems import ArithmeticProblem, generate_problems
 
 __all__ = [
     "DEFAULT_REASONER",
+    "HELD_OUT_PER_LEVEL",
     "LEVELS",
     "REASONER_PRESETS",
     "build_reasoner",
     "cache_root",
     "cpu_name",
     "evaluate_levels",
+    "held_out_problems",
     "level_of",
     "level_problems",
     "toy_prm_path",
@@ -126,7 +128,7 @@ def _accuracy_reached(settings: dict, tokenizer, model):
         cells,
         settings["probe_per_cell"],
         seed=HELD_OUT_SEED + 1,
-        exclude=level_problems(LEVELS, 100, seed=HELD_OUT_SEED),
+        exclude=held_out_problems(),
     )
 
     # A quarter of the probe screens first: while it is far below the target (0.2 below is over three standard
@@ -155,7 +157,7 @@ def build_reasoner(settings: dict, *, perturb: float = 0.0, progress: bool = Fal
 
     import torch
 
-    from .model import build_tiny_model
+    from .model import add_weight_noise, build_tiny_model
     from .tokenizer import build_char_tokenizer
     from .train import pretrain_reasoner
 
@@ -165,10 +167,7 @@ def build_reasoner(settings: dict, *, perturb: float = 0.0, progress: bool = Fal
         tokenizer, intermediate_size=settings["intermediate_size"], seed=settings["seed"], **arch
     )
     if perturb:
-        draw = torch.Generator().manual_seed(12345)
-        with torch.no_grad():
-            for weight in model.parameters():
-                weight.mul_(1 + perturb * torch.randn(weight.shape, generator=draw))
+        add_weight_noise(model, perturb, seed=12345, relative=True)
     started = time.monotonic()
     losses = pretrain_reasoner(  # seeds its own forked RNG
         model,
@@ -233,9 +232,7 @@ def toy_reasoner_path(
     (tmp / "toy_reasoner.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
     (tmp / "build.json").write_text(json.dumps(build, indent=2) + "\n")
     if preset != "tiny":
-        table = evaluate_levels(
-            model, tokenizer, level_problems(LEVELS, 100, seed=HELD_OUT_SEED), progress=progress
-        )
+        table = evaluate_levels(model, tokenizer, held_out_problems(), progress=progress)
         (tmp / "levels.json").write_text(json.dumps(table, indent=2) + "\n")
     try:
         os.replace(tmp, path)
@@ -246,6 +243,13 @@ def toy_reasoner_path(
 
 HELD_OUT_SEED = 10_007
 """Seed of the held-out evaluation problems (never drawn for training: callers pass them as ``exclude``)."""
+HELD_OUT_PER_LEVEL = 100
+"""Held-out problems per level by default: M_0's ``levels.json`` is its greedy accuracy on these."""
+
+
+def held_out_problems(per_level: int = HELD_OUT_PER_LEVEL) -> list[ArithmeticProblem]:
+    """The fixed held-out problems: ``per_level`` of every level, never drawn for training."""
+    return level_problems(LEVELS, per_level, seed=HELD_OUT_SEED)
 
 
 def level_of(problem: ArithmeticProblem) -> str:
@@ -347,7 +351,7 @@ def toy_prm_path(
 
     tokenizer = AutoTokenizer.from_pretrained(reasoner_dir)
     policy = AutoModelForCausalLM.from_pretrained(reasoner_dir)
-    held_out = level_problems(LEVELS, 100, seed=HELD_OUT_SEED)
+    held_out = held_out_problems()
     problems = level_problems(
         LEVELS, settings["problems_per_level"], seed=settings["seed"] + 1, exclude=held_out
     )
