@@ -3,8 +3,8 @@
 The same M_0, PRM, held-out problems, training problems and seeds for every method; every method spends exactly
 ``sampling_budget`` samples per problem on average. Three studies:
 
-* main: methods uniform (STaR/RFT), hsstar (the release's rule), prop2diff (DART-Math) and band (pass-rate band),
-  objectives SFT and DPO, several seeds and iterations;
+* main: by default hsstar (the release's rule) against uniform (STaR/RFT), SFT and DPO, 5 seeds, with the paired
+  difference per seed and its 95% interval; ``--methods`` adds prop2diff (DART-Math) and band (pass-rate band);
 * utility: the re-sampling budget (and the training) on easy, boundary or hard problems only (SFT);
 * n_p sweep: hsstar with n_p pre-samples from 0 to B (SFT).
 
@@ -13,7 +13,8 @@ an interrupted benchmark resumes. The report (tables, plots, command, machine, t
 between ``<!-- bench_methods:start -->`` and ``<!-- bench_methods:end -->`` in ``--report`` and the merged
 records go to ``--results``.
 
-    hsstar bench                # the full run (about 30 minutes on 2 cores, M_0 and PRM cached)
+    hsstar bench                # hsstar against uniform, SFT and DPO, 5 seeds (about 20 minutes on 2 cores)
+    hsstar bench --methods uniform hsstar prop2diff band --studies main utility sweep   # every study
     hsstar bench --quick        # a smoke test on the tiny reasoner (CI)
 """
 
@@ -62,7 +63,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quick", action="store_true", help="smoke test: tiny reasoner, 1 seed, 1 iteration, few problems"
     )
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument(
         "--sweep-seeds", type=int, nargs="+", default=[0, 1], help="seeds of the utility study and n_p sweep"
     )
@@ -87,10 +88,8 @@ def make_parser() -> argparse.ArgumentParser:
         help=f"DPO learning rates of the main study (default {DPO_LR:g})",
     )
     p.add_argument("--reward", choices=["prm", "oracle"], default="prm")
-    p.add_argument("--methods", nargs="+", default=list(MAIN_METHODS), choices=MAIN_METHODS)
-    p.add_argument(
-        "--studies", nargs="+", default=["main", "utility", "sweep"], choices=["main", "utility", "sweep"]
-    )
+    p.add_argument("--methods", nargs="+", default=["hsstar", "uniform"], choices=MAIN_METHODS)
+    p.add_argument("--studies", nargs="+", default=["main"], choices=["main", "utility", "sweep"])
     p.add_argument(
         "--section", default="", help="write the report between <!-- bench_methods:SECTION:start/end -->"
     )
@@ -190,6 +189,19 @@ def _span_minutes(recs) -> float | None:
 def _mean_or_none(values):
     values = [v for v in values if v is not None]
     return statistics.mean(values) if values else None
+
+
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+"""Student's t, 97.5th percentile, by degrees of freedom: the 95% interval of a mean over a few seeds."""
+
+
+def interval95(diffs: list[float]) -> tuple[float, float, float] | None:
+    """Mean of paired differences and its two-sided 95% t-interval (None under two pairs)."""
+    if len(diffs) < 2:
+        return None
+    mean = statistics.mean(diffs)
+    half = T_975.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / len(diffs) ** 0.5
+    return mean, mean - half, mean + half
 
 
 def _final(record):
@@ -300,14 +312,19 @@ def report(args, records, runs, summary, meta, levels, plots) -> str:
             diffs = [base["final_by_seed"][k] - other["final_by_seed"][k] for k in seeds]
             if diffs:
                 wins = sum(d > 0 for d in diffs)
+                ci = interval95(diffs)
                 pairs.append(
                     f"{method} "
                     + ", ".join(f"{d:+.3f}" for d in diffs)
-                    + f" (ahead on {wins} of {len(diffs)})"
+                    + f" (ahead on {wins} of {len(diffs)}"
+                    + ("" if ci is None else f"; mean {ci[0]:+.3f}, 95% interval [{ci[1]:+.3f}, {ci[2]:+.3f}]")
+                    + ")"
                 )
         if pairs:
             lines += [
-                "hsstar minus each baseline, final accuracy, seed by seed: " + "; ".join(pairs) + ".",
+                "hsstar minus each baseline, final accuracy, seed by seed (same problems and held-out set per seed): "
+                + "; ".join(pairs)
+                + ".",
                 "",
             ]
         lines.append("Held-out accuracy after each iteration (mean over seeds; M_0 first):")
@@ -467,10 +484,13 @@ def main(argv=None) -> int:
     preset = "tiny" if args.quick else "m0"
     reasoner = toy_reasoner_path(args.cache_dir, preset=preset, progress=True)
     build = Path(reasoner) / "build.json"
-    m0_build = "build not recorded"
+    m0_build, m0_sha = "build not recorded", None
     if build.exists():
         b = json.loads(build.read_text())
-        m0_build = f"trained {b['steps_trained']} steps in {b['seconds']:.0f} s on {b['cpu']}"
+        m0_sha = b.get("sha256")
+        m0_build = f"trained {b['steps_trained']} steps in {b['seconds']:.0f} s on {b['cpu']}" + (
+            f", shipped, sha256 {m0_sha[:12]}" if m0_sha else ""
+        )
     prm = None
     if args.reward == "prm":
         prm_settings = (
@@ -485,6 +505,7 @@ def main(argv=None) -> int:
     )
     settings = {
         "reasoner": Path(reasoner).name,
+        "reasoner_sha256": m0_sha,
         "prm": None if prm is None else Path(prm).name,
         "sft_learning_rate": SFT_LR,
         "dpo_learning_rate": DPO_LR,

@@ -14,11 +14,16 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def reasoner_dir(tmp_path_factory):
-    """A tiny toy reasoner, trained from scratch for a few seconds: reliable on short sums, not on long ones.
+def world_cache(tmp_path_factory):
+    """The session's own cache of world models (never a developer's), so CI sees every build cold."""
+    return tmp_path_factory.mktemp("toy-cache")
 
-    Built in a fresh directory for the session (never a developer's cache), so CI sees a cold build.
-    """
+
+@pytest.fixture(scope="session")
+def reasoner_dir(world_cache):
+    """The tiny toy reasoner: reliable on short sums, not on long ones. The package's shipped checkpoint, the same
+    on every CPU; with ``TRL_HSSTAR_WORLD_SEED=N`` it is rebuilt from seed N into the session's cache instead, to
+    show that no test depends on the shipped weights."""
     from trl_hsstar.toy.world import toy_reasoner_path
 
-    return toy_reasoner_path(cache_dir=tmp_path_factory.mktemp("toy-cache"))
+    return toy_reasoner_path(cache_dir=world_cache)

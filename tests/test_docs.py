@@ -10,9 +10,9 @@ from pathlib import Path
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_python_examples_run_as_written(reasoner_dir, tmp_path, monkeypatch):
-    # the trainer example builds the toy reasoner: reuse the session's (a cold build, never a developer's cache)
-    monkeypatch.setenv("TRL_HSSTAR_CACHE", str(Path(reasoner_dir).parent))
+def test_readme_python_examples_run_as_written(world_cache, tmp_path, monkeypatch):
+    # the trainer example loads the toy reasoner: anything it builds goes to the session's cache
+    monkeypatch.setenv("TRL_HSSTAR_CACHE", str(world_cache))
     monkeypatch.chdir(tmp_path)
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
     assert len(blocks) >= 2, "the README lost its runnable examples"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 
@@ -203,9 +204,42 @@ def test_step_back_on_track_is_true_again():
 
 
 def test_wrong_operand_or_op_is_false():
-    assert label_steps(P, "12+8=20") == [False]
-    assert label_steps(P, "12-7=5") == [False]
-    assert label_steps(P, "7+12=19") == [False]  # the running value must be on the left
+    assert label_steps(P, "12+8=20") == [False]  # 8 is no term
+    assert label_steps(P, "12-7=5") == [False]  # -7 is no term
+    assert label_steps(P, "12+12=24") == [False]  # 12 is there once
+    assert label_steps(P, "12+7=19\n\n12+35=47") == [True, False]  # 12 is used up
+
+
+def test_every_order_and_grouping_is_a_correct_rationale():
+    q = ArithmeticProblem.from_expression("3+5+1+2")
+    paths = [
+        "3+5=8\n\n8+1=9\n\n9+2=11",  # left to right
+        "2+1=3\n\n3+5=8\n\n8+3=11",  # another order: the 3 made of 2+1, then the operand 3
+        "3+5=8\n\n1+2=3\n\n8+3=11",  # pairs first
+        "5+3=8\n\n2+8=10\n\n10+1=11",  # operands either side
+    ]
+    for path in paths:
+        completion = path + "\n\nThe answer is \\boxed{11}."
+        assert label_steps(q, completion) == [True] * 4, path
+        assert is_rationale_correct(q, completion)
+    # the right answer through a wrong step: an operand used twice, another skipped
+    flawed = "3+5=8\n\n8+5=13\n\n13-2=11\n\nThe answer is \\boxed{11}."
+    assert label_steps(q, flawed) == [True, False, False, False] and not is_rationale_correct(q, flawed)
+    # stopping early with the right number is wrong: two terms are still open
+    assert label_steps(q, "3+5=8\n\n1+2=3\n\nThe answer is \\boxed{11}.") == [True, True, False]
+    s = ArithmeticProblem((5, 3, 2), ("-", "+"))  # terms 5, -3, 2
+    assert label_steps(s, "-3+2=-1\n\n5-1=4\n\nThe answer is \\boxed{4}.") == [True] * 3
+    assert label_steps(s, "3+2=5") == [False]  # +3 is no term
+
+
+def test_random_rationales_are_correct_and_varied():
+    rng = random.Random(0)
+    q = ArithmeticProblem.from_expression("1+2+3+4+5")
+    drawn = {q.rationale(rng) for _ in range(2000)}
+    assert len(drawn) == 2**4  # every run path: a start, then a neighbour to the left or right per step
+    assert "3+4=7\n\n7+2=9\n\n9+5=14\n\n14+1=15\n\nThe answer is \\boxed{15}." in drawn
+    assert all(is_rationale_correct(q, r) for r in drawn)
+    assert q.rationale(random.Random(3)) == q.rationale(random.Random(3))
 
 
 def test_extra_missing_and_unparseable_steps():
@@ -216,7 +250,7 @@ def test_extra_missing_and_unparseable_steps():
     assert not is_rationale_correct(P, truncated)
     assert first_error_step(P, truncated) is None
     garbage = "12 plus 7 is 19\n\n19+35=54\n\nanswer: 54"
-    assert label_steps(P, garbage) == [False, True, False]
+    assert label_steps(P, garbage) == [False, False, False]  # 19 never became a term
     assert label_steps(P, "12+7=19\n\n19+35=54\n\nThe answer is \\boxed{55}.") == [True, True, False]
     assert label_steps(P, "12+7=19\n\nThe answer is \\boxed{54}.") == [True, False]
     assert label_steps(P, "12+7=19 19+35=54") == [False]
@@ -259,6 +293,8 @@ def test_property_reference_rationale_labels_all_true(operands, data):
     assert label_steps(p, rationale) == [True] * (len(p.steps()) + 1)
     assert is_rationale_correct(p.expression, rationale)
     assert rationale.endswith(f"\\boxed{{{p.answer}}}.")
+    drawn = p.rationale(random.Random(data.draw(st.integers(0, 2**32))))
+    assert label_steps(p, drawn) == [True] * (len(p.steps()) + 1) and is_rationale_correct(p, drawn)
 
 
 def test_problems_module_does_not_import_torch():

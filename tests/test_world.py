@@ -249,10 +249,10 @@ def test_world_run_rejects_bad_settings():
         WorldRun(reward="judge")
 
 
-def test_demo_prints_the_table_and_writes_plots(reasoner_dir, tmp_path, capsys, monkeypatch):
+def test_demo_prints_the_table_and_writes_plots(world_cache, tmp_path, capsys, monkeypatch):
     from trl_hsstar.cli import main
 
-    cache = Path(reasoner_dir).parent
+    cache = world_cache
     out = tmp_path / "demo"
     argv = ["demo", "--reasoner", "tiny", "--cache-dir", str(cache), "--output-dir", str(out)]
     argv += ["--num-iterations", "2", "--problems-per-iteration", "14", "--sampling-budget", "4"]
@@ -270,7 +270,7 @@ def test_demo_prints_the_table_and_writes_plots(reasoner_dir, tmp_path, capsys, 
     assert fresh_output_dir(tmp_path / "new") == tmp_path / "new"
 
 
-def test_bench_quick_writes_the_report_and_records(reasoner_dir, tmp_path, monkeypatch, capsys):
+def test_bench_quick_writes_the_report_and_records(world_cache, tmp_path, monkeypatch, capsys):
     from trl_hsstar.cli import main
 
     report = tmp_path / "benchmarks.md"
@@ -282,7 +282,7 @@ def test_bench_quick_writes_the_report_and_records(reasoner_dir, tmp_path, monke
         "bench",
         "--quick",
         "--cache-dir",
-        str(Path(reasoner_dir).parent),
+        str(world_cache),
         "--work-dir",
         str(tmp_path / "w"),
     ]
@@ -293,7 +293,7 @@ def test_bench_quick_writes_the_report_and_records(reasoner_dir, tmp_path, monke
     assert "kept above" in text and "kept below" in text and "old" not in text
     assert "### Main study, SFT" in text and "### Main study, DPO" in text
     records = json.loads(results.read_text())["records"]
-    assert len(records) == 8  # 4 methods x 2 objectives x 1 seed
+    assert len(records) == 4  # hsstar and uniform x 2 objectives x 1 seed
     for rec in records.values():
         assert all(it["budget_spent"] == it["budget_planned"] for it in rec["iterations"])
         # run two at a time, in worker processes with the torch threads split between them
@@ -307,6 +307,21 @@ def test_bench_quick_writes_the_report_and_records(reasoner_dir, tmp_path, monke
     assert main([*argv, "--reward", "oracle"]) == 1
     assert "reward: 'prm' -> 'oracle'" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "w" / "runs").iterdir()} == before
+
+
+def test_bench_interval_of_paired_differences():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_methods", ROOT / "benchmarks" / "bench_methods.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    mean, low, high = bench.interval95([0.01, 0.03, 0.02, 0.04, 0.00])
+    assert mean == pytest.approx(0.02)
+    # t(0.975, 4) = 2.776, sd = 0.0158: half-width 2.776 * 0.0158 / sqrt(5)
+    assert high - mean == pytest.approx(mean - low) == pytest.approx(2.776 * 0.015811 / 5**0.5, rel=1e-3)
+    assert bench.interval95([0.1]) is None
+    assert bench.plan(bench.make_parser().parse_args([]))[0]["seed"] == 0
+    assert len(bench.plan(bench.make_parser().parse_args([]))) == 2 * 2 * 5  # the default study: 20 runs
 
 
 def _children(pid: int) -> list[int]:
@@ -324,12 +339,12 @@ def _children(pid: int) -> list[int]:
 @pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="reads /proc; the workers' guard is Linux-only"
 )
-def test_a_killed_bench_takes_its_worker_processes_with_it(reasoner_dir, tmp_path):
+def test_a_killed_bench_takes_its_worker_processes_with_it(world_cache, tmp_path):
     import subprocess
     import time
 
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_methods.py"), "--quick", "--jobs", "2"]
-    cmd += ["--cache-dir", str(Path(reasoner_dir).parent), "--work-dir", str(tmp_path / "w")]
+    cmd += ["--cache-dir", str(world_cache), "--work-dir", str(tmp_path / "w")]
     cmd += ["--report", str(tmp_path / "b.md"), "--results", str(tmp_path / "b.json")]
     bench = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -6,8 +6,11 @@
 ``hsstar vllm-serve --model PATH [--python P] [--host 127.0.0.1] [--port 8000] [vllm serve arguments ...]``
     Start a vLLM server that the loop can reload in place each iteration (``vllm_mode: server``): the dev
     endpoints on, trl-hsstar's worker extension loaded, bound to loopback unless told otherwise.
-``hsstar world``
-    Print problems of the embedded arithmetic world with their reference rationales and step labels.
+``hsstar world [--num-problems 3 ...]``
+    Print problems of the embedded arithmetic world with their reference rationale, other valid paths and labels.
+``hsstar world build [--seed 0] [--output-dir DIR] [--only tiny m0 prm]``
+    Rebuild the world's shipped checkpoints (the tests' tiny reasoner, M_0, the PRM) from a seed, each with a
+    ``build.json``; by default into the package's ``trl_hsstar/toy/checkpoints``.
 
 ``hsstar demo [--output-dir runs/demo ...]``
     Build (or load) the world's M_0 and PRM, run HS-STaR iterations on the CPU and print a per-iteration table
@@ -27,15 +30,26 @@ from . import __version__
 
 
 def _world(args: argparse.Namespace) -> int:
+    import random
+
+    if args.action == "build":
+        from .toy.world import build_world
+
+        for name, path in build_world(args.output_dir, seed=args.seed, only=args.only, progress=True).items():
+            print(f"{name}: {path}\n{(path / 'build.json').read_text()}")
+        return 0
     from .toy.problems import generate_problems, label_steps
 
     problems = generate_problems(
         args.num_problems, operands=(2, args.max_operands), digits=args.digits, seed=args.seed
     )
+    rng = random.Random(args.seed)
     for p in problems:
         print(f"--- {p.id}  (operands={p.num_operands}, digits={p.digits}, answer={p.answer})")
         print(p.prompt + p.rationale())
         print(f"step labels: {label_steps(p, p.rationale())}")
+        other = p.rationale(rng)
+        print(f"another valid path: {other!r}, step labels: {label_steps(p, other)}")
     return 0
 
 
@@ -154,7 +168,12 @@ def make_parser() -> argparse.ArgumentParser:
     serve.add_argument("--timeout", type=float, default=600.0, help="seconds the server may take to start")
     serve.add_argument("--log", default=None, help="the server's log file (default: a temporary file)")
     serve.set_defaults(func=_vllm_serve, vllm_args=[])
-    world = sub.add_parser("world", help="print problems of the embedded arithmetic world")
+    world = sub.add_parser(
+        "world", help="print problems of the embedded world, or `hsstar world build` its shipped checkpoints"
+    )
+    world.add_argument("action", nargs="?", choices=["show", "build"], default="show")
+    world.add_argument("--output-dir", default=None, help="build: where to (default: the package's checkpoints)")
+    world.add_argument("--only", nargs="+", default=["tiny", "m0", "prm"], choices=["tiny", "m0", "prm"])
     world.add_argument("--num-problems", type=int, default=3)
     world.add_argument("--max-operands", type=int, default=4)
     world.add_argument("--digits", type=int, default=1)

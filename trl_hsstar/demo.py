@@ -1,9 +1,9 @@
 """``hsstar demo``: watch HS-STaR work on the embedded world, on a CPU, with no downloads.
 
-1. M_0: the world's tiny reasoner, built from a seed (about 2 minutes on 2 cores) or loaded from the cache;
-   its greedy accuracy per level is printed.
+1. M_0: the world's tiny reasoner, shipped with the package (the same weights on every CPU; nothing is
+   trained before the loop); its greedy accuracy per level, measured when it was built, is printed.
 2. The PRM: a token-classification model trained on M_0's own samples, labelled step by step by the step
-   checker (about 30 seconds, cached); its held-out step accuracy is printed.
+   checker, also shipped; its held-out step accuracy is printed.
 3. HS-STaR iterations from M_0 (pre-sample, estimate difficulty, re-sample the boundary, train), scored on
    held-out problems of every level after each iteration.
 4. A per-iteration table, ``results.json``, ``summary.md`` and the plots ``levels.png`` and ``accuracy.png`` in
@@ -50,13 +50,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--cache-dir", default=None, help="where M_0 and the PRM are cached (default: ~/.cache)"
+        "--cache-dir",
+        default=None,
+        help="where models not shipped with the package are built (default: ~/.cache/trl_hsstar)",
     )
     parser.add_argument(
         "--reasoner",
         choices=["m0", "tiny"],
         default="m0",
-        help="m0: the world's M_0 (about 2 minutes to build); tiny: a seconds-to-build reasoner for smoke tests",
+        help="m0: the world's M_0; tiny: the tests' smaller reasoner, for smoke tests (both shipped)",
     )
 
 
@@ -95,7 +97,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     start = time.monotonic()
     print(f"torch threads: {torch.get_num_threads()}")
 
-    print("\n[1/3] M_0: the tiny reasoner (built once, then cached)")
+    print("\n[1/3] M_0: the world's reasoner, shipped with the package")
     reasoner = toy_reasoner_path(args.cache_dir, preset=args.reasoner, progress=True)
     phases = {"m0": time.monotonic() - start}
     print(f"      {reasoner}")
@@ -106,7 +108,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     prm = None
     if args.reward == "prm":
         print(
-            "\n[2/3] the PRM: trained on M_0's own samples, labelled by the step checker (built once, then cached)"
+            "\n[2/3] the PRM: trained on M_0's own samples, labelled by the step checker (shipped)"
         )
         small = {"problems_per_level": 8, "samples_per_problem": 2, "num_train_epochs": 1}
         prm = toy_prm_path(

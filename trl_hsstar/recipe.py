@@ -26,7 +26,7 @@ class HSStarScriptArguments(ScriptArguments):
     """Script arguments of the HS-STaR recipes (on top of TRL's ``ScriptArguments``).
 
     ``dataset_name: toy`` and ``model_name_or_path: toy`` select the embedded arithmetic world and its tiny
-    reasoner, built on the CPU with no download.
+    reasoner, shipped with the package (no download, nothing trained before the loop).
     """
 
     objective: str = field(default="sft", metadata={"help": f"Training objective, one of {OBJECTIVES}."})

@@ -1,19 +1,21 @@
-"""Toy arithmetic problems, their reference rationales, and an exact step checker.
+"""Toy arithmetic problems, their rationales, and an exact step checker.
 
 This module is pure Python (stdlib only): importing it never pulls in torch, transformers or tokenizers.
 
-A problem is a chain of integer additions/subtractions evaluated left to right, e.g. ``12+7+35``.
-Its reference rationale spells out one step per operator, separated by a blank line, and ends with
-the final answer in ``\\boxed{}``::
+A problem is a chain of integer additions/subtractions, e.g. ``12+7+35``: a sum of signed terms
+(``5-3+2`` is ``5 + (-3) + 2``). A rationale combines two of the terms it still holds per step, one step per
+blank-line-separated paragraph, and ends with the final answer in ``\\boxed{}``. Terms may be combined in any
+order and grouping, so a problem of k terms has many fully correct rationales; the reference works left to
+right, and :meth:`ArithmeticProblem.rationale` draws another path at random when given a ``random.Random``::
 
-    12+7=19
+    12+7=19                 35+12=47
 
-    19+35=54
+    19+35=54                47+7=54
 
-    The answer is \\boxed{54}.
+    The answer is \\boxed{54}.   The answer is \\boxed{54}.
 
-``label_steps`` compares any completion with that reference step by step. It gives the exact per-step
-correctness labels that a process reward model (PRM) is trained to predict.
+``label_steps`` checks every step of any completion against the terms still open at that point. It gives the
+exact per-step correctness labels that a process reward model (PRM) is trained to predict.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import itertools
 import random
 import re
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -130,9 +133,35 @@ class ArithmeticProblem:
         """The arithmetic steps as text, e.g. ``["12+7=19", "19+35=54"]``."""
         return [f"{a}{op}{b}={r}" for a, op, b, r in self.reference_steps()]
 
-    def rationale(self) -> str:
-        """The reference solution: the steps, then ``The answer is \\boxed{N}.``, joined by blank lines."""
-        return STEP_SEPARATOR.join([*self.steps(), f"The answer is \\boxed{{{self.answer}}}."])
+    @property
+    def terms(self) -> tuple[int, ...]:
+        """The signed terms whose sum is the answer: ``5-3+2`` -> ``(5, -3, 2)``."""
+        return (self.operands[0], *(b if op == "+" else -b for op, b in zip(self.ops, self.operands[1:])))
+
+    def rationale(self, rng: random.Random | None = None) -> str:
+        """A fully correct solution: steps, then ``The answer is \\boxed{N}.``, joined by blank lines.
+
+        Without ``rng`` the reference, left to right. With it, one of the problem's ``2**(k-1)`` run paths, drawn
+        at random: start at any term and grow a running total over a contiguous run of terms, one neighbour per
+        step, to the left or to the right (``3+5+1``: ``5+1=6``, ``6+3=9``). The step checker accepts every path
+        (any order, any grouping); M_0 is taught these because a run is easy for a small model to keep track of.
+        """
+        if rng is None:
+            steps = self.steps()
+        else:
+            terms = self.terms
+            lo = hi = rng.randrange(len(terms))
+            value, steps = terms[lo], []
+            while lo > 0 or hi < len(terms) - 1:
+                if lo > 0 and (hi == len(terms) - 1 or rng.random() < 0.5):
+                    lo -= 1
+                    t = terms[lo]
+                else:
+                    hi += 1
+                    t = terms[hi]
+                steps.append(f"{value}+{t}={value + t}" if t >= 0 else f"{value}-{-t}={value + t}")
+                value += t
+        return STEP_SEPARATOR.join([*steps, f"The answer is \\boxed{{{self.answer}}}."])
 
     def to_row(self) -> dict[str, object]:
         """One dataset row: ``id``, ``prompt``, ``answer`` (a str), ``solution``, ``num_operands``, ``digits``."""
@@ -315,59 +344,71 @@ def split_steps(completion: str) -> list[str]:
     return [s for s in (part.strip() for part in completion.split(STEP_SEPARATOR)) if s]
 
 
-def _canonical_int(text: str) -> str:
-    """``"-007"`` -> ``"-7"``, ``"-0"`` -> ``"0"``: compare integers as strings, in linear time."""
-    negative = text.startswith("-")
-    digits = text.lstrip("-").lstrip("0") or "0"
-    return "-" + digits if negative and digits != "0" else digits
+_MAX_DIGITS = 40
+"""Longer numbers never occur in a step of the world's problems: they are wrong without ``int()`` (linear time)."""
 
 
 @lru_cache(maxsize=4096)
-def _reference(expression: str) -> tuple[tuple[tuple[str, str, str, str], ...], str]:
+def _reference(expression: str) -> tuple[tuple[int, ...], int]:
     p = ArithmeticProblem.from_expression(expression)
-    steps = tuple((str(a), op, str(b), str(r)) for a, op, b, r in p.reference_steps())
-    return steps, str(p.answer)
+    return p.terms, p.answer
+
+
+def _walk(expression: str, completion: str) -> tuple[list[bool], bool]:
+    """The labels of ``label_steps`` and whether the completion is a fully correct rationale."""
+    terms, answer = _reference(expression)
+    open_terms = Counter(terms)  # the multiset of values a step may still combine
+    left = len(terms)
+    labels: list[bool] = []
+    answered = solved = False
+    for step in split_steps(completion):
+        if answered:  # nothing may follow the answer
+            labels.append(False)
+            continue
+        m = _ANSWER_RE.fullmatch(step)
+        if m is not None:
+            answered = True
+            solved = left == 1 and len(m.group(1)) <= _MAX_DIGITS and int(m.group(1)) == answer
+            labels.append(solved)
+            continue
+        m = _STEP_RE.fullmatch(step)
+        if m is None or max(len(g) for g in m.groups()) > _MAX_DIGITS:
+            labels.append(False)
+            continue
+        a, b, r = int(m.group(1)), int(m.group(3)), int(m.group(4))
+        b = b if m.group(2) == "+" else -b
+        if open_terms[a] >= 1 + (a == b) and open_terms[b] >= 1:
+            # two open terms combined: the step is right iff its result is; the true sum stays open either way,
+            # so an error carried forward is wrong and a step back on the true value is right again
+            open_terms[a] -= 1
+            open_terms[b] -= 1
+            open_terms[a + b] += 1
+            left -= 1
+            labels.append(a + b == r)
+        else:
+            labels.append(False)
+    return labels, solved and all(labels)
 
 
 def label_steps(problem: ArithmeticProblem | str, completion: str) -> list[bool]:
     """One correctness label per step of ``split_steps(completion)``.
 
-    Step ``i`` below the number of reference steps is True iff it reads ``a OP b = r`` and equals the
-    reference step ``i`` exactly; so an error carried forward from a wrong step makes later steps False,
-    while a step back on the correct running value is True again. The next step is True iff it reads
-    ``The answer is \\boxed{N}`` (optional period) with the true answer N. Anything further, and anything
-    that does not parse, is False. Never raises on a bad completion; runs in linear time.
+    A step ``a OP b = r`` is True iff ``a`` and ``b`` (read as the signed term ``-b`` after ``-``) are terms still
+    open (operands of the problem, or true results of earlier steps, each used once) and ``r`` is their sum.
+    Combining two open terms leaves their true sum open even when ``r`` is wrong, so an error carried forward
+    makes later steps False while a step back on the true value is True again. ``The answer is \\boxed{N}``
+    (optional period) is True iff exactly one term is left and N is the answer; anything after it, and anything
+    that does not parse, is False. Every order and grouping of the terms is accepted. Never raises on a bad
+    completion; runs in linear time.
     """
     expression = problem.expression if isinstance(problem, ArithmeticProblem) else problem
-    ref_steps, answer = _reference(expression)
-    labels = []
-    for i, step in enumerate(split_steps(completion)):
-        if i < len(ref_steps):
-            m = _STEP_RE.fullmatch(step)
-            ok = (
-                m is not None
-                and (
-                    _canonical_int(m.group(1)),
-                    m.group(2),
-                    _canonical_int(m.group(3)),
-                    _canonical_int(m.group(4)),
-                )
-                == ref_steps[i]
-            )
-        elif i == len(ref_steps):
-            m = _ANSWER_RE.fullmatch(step)
-            ok = m is not None and _canonical_int(m.group(1)) == answer
-        else:
-            ok = False
-        labels.append(ok)
-    return labels
+    return _walk(expression, completion)[0]
 
 
 def is_rationale_correct(problem: ArithmeticProblem | str, completion: str) -> bool:
-    """True iff every step is correct and the final answer step is present."""
-    labels = label_steps(problem, completion)
-    n_steps = len(_reference(problem.expression if isinstance(problem, ArithmeticProblem) else problem)[0])
-    return len(labels) == n_steps + 1 and all(labels)
+    """True iff every step is correct and the completion ends on the correct answer step."""
+    expression = problem.expression if isinstance(problem, ArithmeticProblem) else problem
+    return isinstance(completion, str) and _walk(expression, completion)[1]
 
 
 def first_error_step(problem: ArithmeticProblem | str, completion: str) -> int | None:

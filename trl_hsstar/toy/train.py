@@ -19,12 +19,12 @@ from .problems import generate_problems
 __all__ = ["pretrain_reasoner"]
 
 
-def _batch(tokenizer, problems, device):
+def _batch(tokenizer, examples, device):
     eos = tokenizer.eos_token_id
     seqs, labels = [], []
-    for p in problems:
-        prompt = tokenizer(p.prompt, add_special_tokens=False)["input_ids"]
-        completion = tokenizer(p.rationale(), add_special_tokens=False)["input_ids"] + [eos]
+    for prompt_text, rationale in examples:
+        prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        completion = tokenizer(rationale, add_special_tokens=False)["input_ids"] + [eos]
         seqs.append(prompt + completion)
         labels.append([-100] * len(prompt) + completion)
     width = max(len(s) for s in seqs)
@@ -54,6 +54,7 @@ def pretrain_reasoner(
     stop_when: Callable[[int], bool] | None = None,
     check_every: int = 20,
     refine_every: int | None = None,
+    any_order: bool = True,
     progress: bool = False,
 ) -> list[float]:
     """Train ``model`` in place on reference rationales; returns the loss per step.
@@ -70,7 +71,9 @@ def pretrain_reasoner(
     ``refine_every`` (a divisor of ``check_every``) the weights are also kept every ``refine_every`` steps between
     checks, and when ``stop_when`` first holds, those kept weights are checked in order: the model ends at the first
     of them for which it holds, so the stop is found to ``refine_every`` steps for the cost of checking every
-    ``check_every``. The losses returned end at the step the model ends at.
+    ``check_every``. The losses returned end at the step the model ends at. With ``any_order`` each target
+    rationale is a random run path of :meth:`~trl_hsstar.toy.problems.ArithmeticProblem.rationale` (drawn from the
+    ``data_seed`` stream), so the model learns many valid paths; without it, left to right.
     """
     if refine_every is not None and (refine_every < 1 or check_every % refine_every):
         raise ValueError(
@@ -88,6 +91,7 @@ def pretrain_reasoner(
         raise ValueError(f"`schedule_steps` ({schedule_steps}) must be >= `steps` ({steps}).")
     data_seed = seed if data_seed is None else data_seed
     stream = random.Random(data_seed)
+    orders = random.Random(data_seed + 7919)  # its own stream: the problems drawn do not depend on any_order
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
 
@@ -122,10 +126,11 @@ def pretrain_reasoner(
                     problems += generate_problems(
                         1, operands=k, digits=d, ops=ops, seed=stream.randrange(1 << 30)
                     )
-            problems.sort(key=lambda p: len(p.rationale()))
-            size = -(-len(problems) // micro_batches)
+            examples = [(p.prompt, p.rationale(orders if any_order else None)) for p in problems]
+            examples.sort(key=lambda e: len(e[1]))
+            size = -(-len(examples) // micro_batches)
             chunks = [
-                _batch(tokenizer, problems[i : i + size], device) for i in range(0, len(problems), size)
+                _batch(tokenizer, examples[i : i + size], device) for i in range(0, len(examples), size)
             ]
             n_tokens = [int((labels[:, 1:] != -100).sum()) for _, _, labels in chunks]
             loss_sum = 0.0

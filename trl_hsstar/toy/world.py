@@ -1,10 +1,13 @@
-"""The embedded world's reasoner, built once per configuration and cached on disk.
+"""The embedded world's models: M_0, the tests' tiny reasoner and the PRM, shipped as fixed checkpoints.
 
-``toy_reasoner_path(...)`` returns a directory holding a tiny Llama and its character tokenizer, trained from
-scratch on the CPU (:func:`~trl_hsstar.toy.train.pretrain_reasoner`), loadable with ``from_pretrained``. The
-directory is keyed by a hash of the configuration, so a change of any knob builds a new model and a cached one is
-reused; it is written to a temporary directory and renamed into place, so a killed build leaves nothing that
-looks complete.
+The package ships them under ``trl_hsstar/toy/checkpoints/`` (``tiny``, ``m0``, ``prm``: safetensors, a few MB),
+made by one seeded command, ``hsstar world build``, which writes a ``build.json`` beside each (command, seed,
+steps, CPU, torch version, sha256 of the weights). ``toy_reasoner_path()`` and ``toy_prm_path()`` return the
+shipped directories, so nothing is trained on the user's machine and every CPU loads the same weights (a model
+trained here would differ with the CPU's floating-point path). With other settings, or with
+``TRL_HSSTAR_WORLD_SEED`` set (the same models rebuilt from another seed), they build the model once and cache it,
+keyed by :data:`WORLD_VERSION` and the settings; a build is written to a temporary directory and renamed into
+place, so a killed build leaves nothing that looks complete.
 """
 
 from __future__ import annotations
@@ -13,26 +16,38 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from .problems import ArithmeticProblem, generate_problems
 
 __all__ = [
+    "CHECKPOINTS",
     "DEFAULT_REASONER",
     "HELD_OUT_PER_LEVEL",
     "LEVELS",
     "REASONER_PRESETS",
+    "WORLD_VERSION",
     "build_reasoner",
+    "build_world",
     "cache_root",
     "cpu_name",
     "evaluate_levels",
     "held_out_problems",
     "level_of",
     "level_problems",
+    "shipped",
     "toy_prm_path",
     "toy_reasoner_path",
+    "world_seed",
 ]
+
+WORLD_VERSION = 2
+"""Version 2: any order and grouping of the terms is a valid path. A model cached for another version is never
+reused (the cache key holds the version)."""
+CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
+"""Where the package's world models live: ``tiny``, ``m0`` and ``prm``."""
 
 LEVELS: tuple[str, ...] = ("3x1", "4x1", "5x1", "6x1", "7x1", "8x1", "2x2")
 """The world's difficulty levels, ``"<operands>x<digits>"`` (``"6x1"``: six one-digit operands). M_0 solves the
@@ -199,15 +214,51 @@ def build_reasoner(settings: dict, *, perturb: float = 0.0, progress: bool = Fal
     return model, tokenizer, build
 
 
-def toy_reasoner_path(
-    cache_dir: str | os.PathLike | None = None, preset: str = "tiny", *, progress: bool = False, **overrides
-) -> Path:
-    """Build (or reuse) the toy reasoner for this configuration and return its directory.
+def world_seed() -> int | None:
+    """``TRL_HSSTAR_WORLD_SEED`` as an int, else None: with it set, the world's models are rebuilt from that seed
+    instead of loaded from the package (a check that nothing depends on the shipped weights)."""
+    value = os.environ.get("TRL_HSSTAR_WORLD_SEED", "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"TRL_HSSTAR_WORLD_SEED must be an integer seed, got {value!r}.") from None
 
-    ``preset`` is ``"tiny"`` (seconds to build) or ``"m0"`` (the demo's M_0, about 2 minutes); ``overrides``
-    change single settings of the preset. A newly built reasoner's greedy accuracy per level (see
-    :data:`LEVELS`) is saved as ``levels.json`` beside the weights.
-    """
+
+def shipped(name: str) -> Path | None:
+    """The package's checkpoint ``name`` (``"tiny"``, ``"m0"``, ``"prm"``), or None where it is not built."""
+    path = CHECKPOINTS / name
+    return path if (path / "model.safetensors").exists() else None
+
+
+def _save(model, tokenizer, path: Path, files: dict[str, object]) -> None:
+    """Write a model, its tokenizer and JSON ``files`` to a temporary directory, then rename it to ``path``."""
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    for name, content in files.items():
+        (tmp / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+    if path.exists():  # `hsstar world build` replaces what it built before
+        shutil.rmtree(path)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _reasoner_settings(preset: str, overrides: dict) -> dict:
     if preset not in REASONER_PRESETS:
         raise ValueError(f"unknown toy reasoner `preset` {preset!r}; valid: {sorted(REASONER_PRESETS)}")
     unknown = set(overrides) - set(REASONER_PRESETS[preset])
@@ -215,30 +266,44 @@ def toy_reasoner_path(
         raise ValueError(
             f"unknown toy reasoner settings {sorted(unknown)}; valid: {sorted(REASONER_PRESETS[preset])}"
         )
-    settings = {**REASONER_PRESETS[preset], **overrides}
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return {**REASONER_PRESETS[preset], **overrides}
+
+
+def _write_reasoner(path: Path, preset: str, settings: dict, *, progress: bool = False) -> Path:
+    model, tokenizer, build = build_reasoner(settings, progress=progress)
+    files: dict[str, object] = {"toy_reasoner.json": {**settings, "world_version": WORLD_VERSION}}
+    if preset != "tiny":
+        files["levels.json"] = evaluate_levels(model, tokenizer, held_out_problems(), progress=progress)
+    _save(model, tokenizer, path, {**files, "build.json": build})
+    record = json.loads((path / "build.json").read_text())
+    record["sha256"] = _sha256(path / "model.safetensors")
+    (path / "build.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def toy_reasoner_path(
+    cache_dir: str | os.PathLike | None = None, preset: str = "tiny", *, progress: bool = False, **overrides
+) -> Path:
+    """The directory of the toy reasoner ``preset`` (``"tiny"``, the tests' reasoner, or ``"m0"``, the demo's).
+
+    Without ``overrides`` it is the package's shipped checkpoint. ``overrides`` change single settings of the
+    preset; then, or with ``TRL_HSSTAR_WORLD_SEED`` set, the reasoner is built (seconds for ``tiny``, minutes for
+    ``m0``) and cached under ``cache_dir``. A built ``m0`` has its greedy accuracy per level (see :data:`LEVELS`)
+    in ``levels.json`` beside the weights.
+    """
+    settings = _reasoner_settings(preset, overrides)
+    seed = world_seed()
+    if seed is not None:
+        settings = {**settings, "seed": seed}
+    elif not overrides and shipped(preset) is not None:
+        return CHECKPOINTS / preset
+    identity = {**settings, "world_version": WORLD_VERSION}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     path = root / f"toy-reasoner-{key}"
     if (path / "config.json").exists():
         return path
-
-    model, tokenizer, build = build_reasoner(settings, progress=progress)
-    tmp = root / f".toy-reasoner-{key}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "toy_reasoner.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
-    (tmp / "build.json").write_text(json.dumps(build, indent=2) + "\n")
-    if preset != "tiny":
-        table = evaluate_levels(model, tokenizer, held_out_problems(), progress=progress)
-        (tmp / "levels.json").write_text(json.dumps(table, indent=2) + "\n")
-    try:
-        os.replace(tmp, path)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return _write_reasoner(path, preset, settings, progress=progress)
 
 
 HELD_OUT_SEED = 10_007
@@ -318,28 +383,37 @@ def toy_prm_path(
     progress: bool = False,
     **overrides,
 ) -> Path:
-    """Build (or reuse) a learned PRM for the reasoner in ``reasoner_dir`` and return its directory.
+    """The directory of a learned PRM for the reasoner in ``reasoner_dir``: the shipped one for the shipped M_0,
+    else built once and cached.
 
     The reasoner samples ``samples_per_problem`` solutions (at ``temperature``) for ``problems_per_level``
     problems of every level (held-out problems excluded); the step checker labels every step; a
     token-classification model initialised from the reasoner's own weights is trained on those labels in the
     Math-Shepherd layout with :func:`~trl_hsstar.prm.train_prm`. Its held-out step accuracy (and the accuracy of
     always answering the majority label) is saved as ``prm_metrics.json`` beside the weights. Cached by the
-    reasoner and the settings, like the reasoner.
+    reasoner, the settings and :data:`WORLD_VERSION`.
     """
     unknown = set(overrides) - set(DEFAULT_PRM)
     if unknown:
         raise ValueError(f"unknown toy PRM settings {sorted(unknown)}; valid: {sorted(DEFAULT_PRM)}")
     settings = {**DEFAULT_PRM, **overrides}
-    reasoner_dir = Path(reasoner_dir)
-    # "head": the classification head is initialised from `seed` (earlier builds drew it unseeded)
-    identity = {"reasoner": (reasoner_dir / "toy_reasoner.json").read_text(), "head": "seeded", **settings}
+    reasoner_dir = Path(reasoner_dir).resolve()
+    if not overrides and reasoner_dir == CHECKPOINTS / "m0" and shipped("prm") is not None:
+        return CHECKPOINTS / "prm"  # the shipped M_0's shipped PRM
+    identity = {
+        "reasoner": (reasoner_dir / "toy_reasoner.json").read_text(),
+        "world_version": WORLD_VERSION,
+        **settings,
+    }
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     path = root / f"toy-prm-{key}"
     if (path / "config.json").exists():
         return path
+    return _write_prm(path, reasoner_dir, settings, progress=progress)
 
+
+def _write_prm(path: Path, reasoner_dir: Path, settings: dict, *, progress: bool = False) -> Path:
     import tempfile
 
     from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
@@ -391,16 +465,53 @@ def toy_prm_path(
             logging_strategy="no",
         )
     metrics["majority_accuracy"] = max(metrics["eval_positive_rate"], 1 - metrics["eval_positive_rate"])
-    tmp = root / f".toy-prm-{key}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "toy_prm.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
-    (tmp / "prm_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    try:
-        os.replace(tmp, path)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
+    build = {"torch_threads": torch.get_num_threads(), "cpu": cpu_name(), "examples": len(examples)}
+    files = {"toy_prm.json": {**settings, "world_version": WORLD_VERSION}, "prm_metrics.json": metrics}
+    _save(model, tokenizer, path, {**files, "build.json": build})
+    record = json.loads((path / "build.json").read_text())
+    record["sha256"] = _sha256(path / "model.safetensors")
+    (path / "build.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def build_world(
+    output_dir: str | os.PathLike | None = None,
+    *,
+    seed: int = 0,
+    only: Sequence[str] = ("tiny", "m0", "prm"),
+    progress: bool = False,
+) -> dict[str, Path]:
+    """Build the world's checkpoints from ``seed`` into ``output_dir`` (default: the package's
+    :data:`CHECKPOINTS`), each with a ``build.json`` naming the command, seed, steps, CPU, torch version and the
+    sha256 of its weights. The PRM is trained on the samples of the M_0 in ``output_dir``."""
+    import platform
+
+    import torch
+
+    unknown = set(only) - {"tiny", "m0", "prm"}
+    if unknown:
+        raise ValueError(f"`only` names unknown checkpoints {sorted(unknown)}; valid: tiny, m0, prm.")
+    out = Path(output_dir) if output_dir is not None else CHECKPOINTS
+    out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "command": " ".join(["hsstar", "world", "build", *sys.argv[3:]])
+        if sys.argv[1:3] == ["world", "build"]
+        else f"build_world(seed={seed}, only={list(only)})",
+        "seed": seed,
+        "world_version": WORLD_VERSION,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    paths = {}
+    for name in ("tiny", "m0"):
+        if name in only:
+            settings = {**REASONER_PRESETS[name], "seed": seed}
+            paths[name] = _write_reasoner(out / name, name, settings, progress=progress)
+    if "prm" in only:
+        if not (out / "m0" / "config.json").exists():
+            raise ValueError(f"the PRM is trained on M_0's samples, and {out / 'm0'} holds no M_0: build m0 too.")
+        paths["prm"] = _write_prm(out / "prm", out / "m0", {**DEFAULT_PRM, "seed": seed}, progress=progress)
+    for path in paths.values():
+        build = json.loads((path / "build.json").read_text())
+        (path / "build.json").write_text(json.dumps({**record, **build}, indent=2, sort_keys=True) + "\n")
+    return paths
