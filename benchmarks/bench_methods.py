@@ -317,7 +317,11 @@ def report(args, records, runs, summary, meta, levels, plots) -> str:
                     f"{method} "
                     + ", ".join(f"{d:+.3f}" for d in diffs)
                     + f" (ahead on {wins} of {len(diffs)}"
-                    + ("" if ci is None else f"; mean {ci[0]:+.3f}, 95% interval [{ci[1]:+.3f}, {ci[2]:+.3f}]")
+                    + (
+                        ""
+                        if ci is None
+                        else f"; mean {ci[0]:+.3f}, 95% interval [{ci[1]:+.3f}, {ci[2]:+.3f}]"
+                    )
                     + ")"
                 )
         if pairs:

@@ -48,7 +48,9 @@ def auroc(positives: list[float], negatives: list[float]) -> float | None:
     return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
-def measure(reasoner: Path, prm: Path, *, problems: int, samples: int, temperature: float, seed: int) -> dict:
+def measure(
+    reasoner: Path, prm: Path | None, *, problems: int, samples: int, temperature: float, seed: int
+) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
 
@@ -70,9 +72,13 @@ def measure(reasoner: Path, prm: Path, *, problems: int, samples: int, temperatu
         SamplingParams(temperature=temperature, top_p=0.95, max_new_tokens=longest + 16, seed=seed),
     )
     sampling_seconds = time.monotonic() - started
-    scorer = ProcessRewardModel(
-        AutoModelForTokenClassification.from_pretrained(prm), AutoTokenizer.from_pretrained(prm), batch_size=64
-    )
+    scorer = None
+    if prm is not None:
+        scorer = ProcessRewardModel(
+            AutoModelForTokenClassification.from_pretrained(prm),
+            AutoTokenizer.from_pretrained(prm),
+            batch_size=64,
+        )
 
     levels: dict[str, Counter] = {}
     overall: Counter = Counter()
@@ -91,28 +97,35 @@ def measure(reasoner: Path, prm: Path, *, problems: int, samples: int, temperatu
             paths = {"\n\n".join(split_steps(t)) for t, c in zip(correct_texts, clean) if c}
             distinct_on_boundary.append(len(paths))
         if correct_texts:
-            with torch.no_grad():
-                scores = scorer([p.prompt] * len(correct_texts), correct_texts)
+            if scorer is None:
+                scores = [0.0] * len(correct_texts)  # no PRM: the flawed share only
+            else:
+                with torch.no_grad():
+                    scores = scorer([p.prompt] * len(correct_texts), correct_texts)
             for s, c in zip(scores, clean):
                 if s is not None:
                     (clean_scores if c else flawed_scores).append(s)
     n_correct = len(clean_scores) + len(flawed_scores)
     return {
         "reasoner": str(reasoner),
-        "prm": str(prm),
+        "prm": None if prm is None else str(prm),
         "problems": len(pool),
         "samples_per_problem": samples,
         "temperature": temperature,
         "seed": seed,
         "shares": {k: overall[k] / len(pool) for k in ("easy", "boundary", "hard")},
-        "by_world_level": {w: {k: c[k] for k in ("easy", "boundary", "hard")} for w, c in sorted(levels.items())},
+        "by_world_level": {
+            w: {k: c[k] for k in ("easy", "boundary", "hard")} for w, c in sorted(levels.items())
+        },
         "boundary_distinct_correct_rationales": {
             "median": statistics.median(distinct_on_boundary) if distinct_on_boundary else None,
-            "quartiles": statistics.quantiles(distinct_on_boundary, n=4) if len(distinct_on_boundary) > 1 else None,
+            "quartiles": statistics.quantiles(distinct_on_boundary, n=4)
+            if len(distinct_on_boundary) > 1
+            else None,
         },
         "correct_answer_samples": n_correct,
         "flawed_share_of_correct_answers": len(flawed_scores) / n_correct if n_correct else None,
-        "prm_auroc_clean_vs_flawed": auroc(clean_scores, flawed_scores),
+        "prm_auroc_clean_vs_flawed": auroc(clean_scores, flawed_scores) if scorer else None,
         "sampling_seconds": round(sampling_seconds, 1),
         "torch_threads": torch.get_num_threads(),
     }
@@ -139,7 +152,7 @@ def report(r: dict, command: str) -> str:
     q = r["boundary_distinct_correct_rationales"]
     lines = [
         f"Measured with `{command}` on {cpu_name()} ({r['torch_threads']} torch threads): M_0 sampled "
-        f"{r['samples_per_problem']} solutions (temperature {r['temperature']}) for each of {r['problems']} "
+        f"{r['samples_per_problem']} solutions (temperature {r['temperature']}, top-p 0.95) for each of {r['problems']} "
         f"problems of the default pool (seed {r['seed']}); sampling took {r['sampling_seconds']} s.",
         "",
         "| figure | measured | target | |",
@@ -150,8 +163,8 @@ def report(r: dict, command: str) -> str:
         f"({', '.join(f'{x:g}' for x in q['quartiles'] or [])}) | >= 3 | {mark[ok['distinct']]} |",
         f"| correct-answer samples with a wrong step | {r['flawed_share_of_correct_answers']:.3f} "
         f"(of {r['correct_answer_samples']}) | 0.05 to 0.25 | {mark[ok['flawed']]} |",
-        f"| PRM AUROC, clean against flawed correct-answer samples | {r['prm_auroc_clean_vs_flawed']:.3f} | >= 0.8 | "
-        f"{mark[ok['auroc']]} |",
+        f"| PRM AUROC, clean against flawed correct-answer samples | {r['prm_auroc_clean_vs_flawed'] or float('nan'):.3f} "
+        f"| >= 0.8 | {mark[ok['auroc']]} |",
         "",
         "Per world level (problems easy / boundary / hard):",
         "",
@@ -176,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reasoner", default=None, help="default: the shipped M_0")
-    p.add_argument("--prm", default=None, help="default: the shipped PRM (of the shipped M_0)")
+    p.add_argument(
+        "--prm", default=None, help="default: the shipped PRM (of the shipped M_0); 'none': no AUROC"
+    )
     p.add_argument("--problems", type=int, default=256, help="the default pool: one demo iteration")
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--temperature", type=float, default=0.7, help="the loop's sampling temperature")
@@ -187,11 +202,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     reasoner = Path(args.reasoner) if args.reasoner else toy_reasoner_path(preset="m0")
-    prm = Path(args.prm) if args.prm else toy_prm_path(reasoner)
+    prm = None if args.prm == "none" else Path(args.prm) if args.prm else toy_prm_path(reasoner)
     r = measure(
-        reasoner, prm, problems=args.problems, samples=args.samples, temperature=args.temperature, seed=args.seed
+        reasoner,
+        prm,
+        problems=args.problems,
+        samples=args.samples,
+        temperature=args.temperature,
+        seed=args.seed,
     )
-    command = "python benchmarks/world_regime.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python benchmarks/world_regime.py " + " ".join(
+        a for a in (argv if argv is not None else sys.argv[1:])
+    )
     body = report(r, command.strip())
     print(body)
     if not args.no_report:

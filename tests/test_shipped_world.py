@@ -87,7 +87,9 @@ def test_hsstar_world_build_writes_the_checkpoints_and_their_records(tmp_path, m
     monkeypatch.setattr(world, "REASONER_PRESETS", presets)
     small_prm = dict(problems_per_level=4, samples_per_problem=2, num_train_epochs=1)
     monkeypatch.setattr(world, "DEFAULT_PRM", {**world.DEFAULT_PRM, **small_prm})
-    monkeypatch.setattr(sys, "argv", ["hsstar", "world", "build", "--output-dir", str(tmp_path), "--seed", "3"])
+    monkeypatch.setattr(
+        sys, "argv", ["hsstar", "world", "build", "--output-dir", str(tmp_path), "--seed", "3"]
+    )
     assert main(sys.argv[1:]) == 0
     for name in ("tiny", "m0", "prm"):
         build = json.loads((tmp_path / name / "build.json").read_text())
@@ -111,7 +113,9 @@ def test_shipped_m0_greedy_accuracy_is_the_same_under_1_and_2_threads():
     tables = {}
     for threads in (1, 2):
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
         ran_with, tables[threads] = json.loads(out.stdout.strip().splitlines()[-1])
         assert ran_with == threads
     assert tables[1] == tables[2]
@@ -136,7 +140,8 @@ def test_a_wheel_install_carries_the_checkpoints(tmp_path):
         check=True,
     ).stdout.strip()
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", site, str(wheel)], check=True
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", site, str(wheel)],
+        check=True,
     )
     # torch and transformers from this environment, after the wheel's own files (no editable finder runs here)
     (Path(site) / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")

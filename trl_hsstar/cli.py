@@ -172,7 +172,9 @@ def make_parser() -> argparse.ArgumentParser:
         "world", help="print problems of the embedded world, or `hsstar world build` its shipped checkpoints"
     )
     world.add_argument("action", nargs="?", choices=["show", "build"], default="show")
-    world.add_argument("--output-dir", default=None, help="build: where to (default: the package's checkpoints)")
+    world.add_argument(
+        "--output-dir", default=None, help="build: where to (default: the package's checkpoints)"
+    )
     world.add_argument("--only", nargs="+", default=["tiny", "m0", "prm"], choices=["tiny", "m0", "prm"])
     world.add_argument("--num-problems", type=int, default=3)
     world.add_argument("--max-operands", type=int, default=4)

@@ -107,9 +107,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         print("      greedy accuracy per level: " + ", ".join(f"{k} {v:.2f}" for k, v in m0_table.items()))
     prm = None
     if args.reward == "prm":
-        print(
-            "\n[2/3] the PRM: trained on M_0's own samples, labelled by the step checker (shipped)"
-        )
+        print("\n[2/3] the PRM: trained on M_0's own samples, labelled by the step checker (shipped)")
         small = {"problems_per_level": 8, "samples_per_problem": 2, "num_train_epochs": 1}
         prm = toy_prm_path(
             reasoner, args.cache_dir, progress=True, **(small if args.reasoner == "tiny" else {})
