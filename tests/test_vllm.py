@@ -56,7 +56,7 @@ def transformers_greedy(model_dir, prompts=PROMPTS):
 
 # Sampling at this temperature spreads a char model's draws over many texts whatever its weights: the tests that
 # check a seed per sample (no shared draws) rest on that, not on how diverse a trained model happens to be.
-DIVERSE = {"temperature": 4.0, "top_p": 1.0}
+DIVERSE = {"temperature": 2.0, "top_p": 1.0}  # vLLM accepts at most 2
 
 
 def changed_copy(src, dst, seed: int = 1):
