@@ -13,20 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_world import TINY_M0  # M_0's recipe on a model small enough for a test
 
 from trl_hsstar.toy import world
 from trl_hsstar.toy.world import CHECKPOINTS, WORLD_VERSION, shipped, toy_prm_path, toy_reasoner_path
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_M0 = dict(
-    hidden_size=32,
-    num_hidden_layers=1,
-    num_attention_heads=1,
-    intermediate_size=64,
-    steps=6,
-    batch_size=8,
-    target_accuracy=0.99,
-)
 
 
 def _sha256(path: Path) -> str:
@@ -64,6 +56,14 @@ def test_a_world_seed_rebuilds_the_models_into_the_cache(tmp_path, monkeypatch):
     assert load_file(path / "model.safetensors").keys() == load_file(other / "model.safetensors").keys()
     a, b = load_file(path / "model.safetensors"), load_file(other / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)  # the switch is the seed, nothing else
+    assert (
+        json.loads(
+            (
+                toy_reasoner_path(tmp_path, preset="m0", **{**TINY_M0, "seed": 2}) / "toy_reasoner.json"
+            ).read_text()
+        )["seed"]
+        == 2
+    )  # an explicit seed wins
     monkeypatch.setenv("TRL_HSSTAR_WORLD_SEED", "five")
     with pytest.raises(ValueError, match="TRL_HSSTAR_WORLD_SEED"):
         toy_reasoner_path(tmp_path, preset="tiny")

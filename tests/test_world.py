@@ -41,7 +41,8 @@ def _weights(path):
     return load_file(str(Path(path) / "model.safetensors"))
 
 
-def test_m0_builder_is_deterministic(tmp_path):
+def test_m0_builder_is_deterministic(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRL_HSSTAR_WORLD_SEED", raising=False)  # this tests the seeds themselves
     a = toy_reasoner_path(tmp_path / "a", preset="m0", **TINY_M0)
     b = toy_reasoner_path(tmp_path / "b", preset="m0", **TINY_M0)
     c = toy_reasoner_path(tmp_path / "c", preset="m0", **{**TINY_M0, "seed": 1})
@@ -56,7 +57,8 @@ def test_m0_builder_is_deterministic(tmp_path):
     assert toy_reasoner_path(tmp_path / "a", preset="m0", **TINY_M0) == a
 
 
-def test_build_reasoner_is_the_builder_and_perturb_nudges_the_start(tmp_path):
+def test_build_reasoner_is_the_builder_and_perturb_nudges_the_start(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRL_HSSTAR_WORLD_SEED", raising=False)  # compares with the preset's own seed
     from trl_hsstar.toy.world import build_reasoner
 
     settings = {**REASONER_PRESETS["m0"], **TINY_M0}

@@ -255,6 +255,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _cached(kind: str, identity: dict, cache_dir) -> Path:
+    """The cache directory of a model: keyed by everything that made it, the world's version included."""
+    identity = {**identity, "world_version": WORLD_VERSION}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    return root / f"{kind}-{key}"
+
+
 def _reasoner_settings(preset: str, overrides: dict) -> dict:
     if preset not in REASONER_PRESETS:
         raise ValueError(f"unknown toy reasoner `preset` {preset!r}; valid: {sorted(REASONER_PRESETS)}")
@@ -284,20 +292,17 @@ def toy_reasoner_path(
     """The directory of the toy reasoner ``preset`` (``"tiny"``, the tests' reasoner, or ``"m0"``, the demo's).
 
     Without ``overrides`` it is the package's shipped checkpoint. ``overrides`` change single settings of the
-    preset; then, or with ``TRL_HSSTAR_WORLD_SEED`` set, the reasoner is built (seconds for ``tiny``, minutes for
+    preset; then, or with ``TRL_HSSTAR_WORLD_SEED`` set (its seed, unless ``seed`` is passed), the reasoner is built (seconds for ``tiny``, minutes for
     ``m0``) and cached under ``cache_dir``. A built ``m0`` has its greedy accuracy per level (see :data:`LEVELS`)
     in ``levels.json`` beside the weights.
     """
     settings = _reasoner_settings(preset, overrides)
     seed = world_seed()
-    if seed is not None:
+    if seed is not None and "seed" not in overrides:  # a seed passed explicitly wins
         settings = {**settings, "seed": seed}
     elif not overrides and shipped(preset) is not None:
         return CHECKPOINTS / preset
-    identity = {**settings, "world_version": WORLD_VERSION}
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
-    root = Path(cache_dir) if cache_dir is not None else cache_root()
-    path = root / f"toy-reasoner-{key}"
+    path = _cached("toy-reasoner", settings, cache_dir)
     if (path / "config.json").exists():
         return path
     return _write_reasoner(path, preset, settings, progress=progress)
@@ -397,14 +402,8 @@ def toy_prm_path(
     reasoner_dir = Path(reasoner_dir).resolve()
     if not overrides and reasoner_dir == CHECKPOINTS / "m0" and shipped("prm") is not None:
         return CHECKPOINTS / "prm"  # the shipped M_0's shipped PRM
-    identity = {
-        "reasoner": (reasoner_dir / "toy_reasoner.json").read_text(),
-        "world_version": WORLD_VERSION,
-        **settings,
-    }
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
-    root = Path(cache_dir) if cache_dir is not None else cache_root()
-    path = root / f"toy-prm-{key}"
+    identity = {"reasoner": (reasoner_dir / "toy_reasoner.json").read_text(), **settings}
+    path = _cached("toy-prm", identity, cache_dir)
     if (path / "config.json").exists():
         return path
     return _write_prm(path, reasoner_dir, settings, progress=progress)
