@@ -244,7 +244,7 @@ def test_unreadable_reference_answers_are_left_out_and_listed(reasoner_dir, prob
     store, _stats = _run(reasoner_dir, data, tmp_path, reward_funcs=OracleStepReward())
     assert bad_id not in {r["problem_id"] for r in store.read_jsonl(A.PROBLEMS)}
     skipped = [json.loads(line) for line in (tmp_path / "skipped_problems.jsonl").read_text().splitlines()]
-    assert [s["id"] for s in skipped] == [bad_id]
+    assert [s["problem_id"] for s in skipped] == [bad_id]
     assert json.loads((tmp_path / A.RunManifest.FILE).read_text())["problems_skipped"] == 1
 
 
@@ -261,8 +261,8 @@ def none_for_long(prompts, completions, **kwargs):
 @pytest.mark.parametrize("func", [nan_for_long, none_for_long], ids=["nan", "none"])
 def test_nan_or_none_scores_count_as_unscored(func, reasoner_dir, problems, tmp_path):
     store, stats = _run(reasoner_dir, problems, tmp_path, reward_funcs=func)
-    scores = store.read_jsonl(A.PRESAMPLE_SCORES) + store.read_jsonl(A.RESAMPLE_SCORES)
-    missing = sum(s["score"] is None for s in scores)
+    scores = store.read_jsonl(A.scored_file(0)) + store.read_jsonl(A.scored_file(1))
+    missing = sum(s["reward"] is None for s in scores)
     assert missing > 0 and stats["scores_missing"] == missing
 
 
@@ -291,7 +291,7 @@ def test_empty_and_one_megabyte_completions(reasoner_dir, problems, tmp_path):
         sampler=HostileSampler(),
         args={"verifier_timeout": 2.0},
     )
-    samples = store.read_jsonl(A.PRESAMPLES) + store.read_jsonl(A.RESAMPLES)
+    samples = store.read_jsonl(A.samples_file(0)) + store.read_jsonl(A.samples_file(1))
     assert stats["empty_completions"] == sum(not s["completion"].strip() for s in samples) > 0
     assert max(len(s["completion"]) for s in samples) >= 1_000_000
     assert not any(s["correct"] for s in samples)  # none of them answers its problem
@@ -305,6 +305,6 @@ def test_a_tokenizer_without_a_pad_token(reasoner_dir, problems, tmp_path):
     store, _stats = _run(
         reasoner_dir, problems, tmp_path, reward_funcs=OracleStepReward(), processing_class=tok
     )
-    samples = store.read_jsonl(A.PRESAMPLES)
+    samples = store.read_jsonl(A.samples_file(0))
     assert any(s["correct"] for s in samples), "padding with EOS must not garble the prompts"
     assert store.has(A.MODEL)

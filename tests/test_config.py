@@ -125,13 +125,13 @@ def test_trl_parser_reads_yaml_and_command_line(tmp_path):
     ],
 )
 def test_each_colocated_engine_gets_its_own_gpus(visible, count, local, processes, tp, expected):
-    from trl_hsstar.trainer import engine_cuda_devices
+    from trl_hsstar.sampling.engine import engine_cuda_devices
 
     assert engine_cuda_devices(visible, count, local, processes, tp) == expected
 
 
 def test_a_colocated_layout_that_does_not_fit_is_refused():
-    from trl_hsstar.trainer import engine_cuda_devices
+    from trl_hsstar.sampling.engine import engine_cuda_devices
 
     with pytest.raises(ValueError, match=r"needs 16 GPUs .* 8 are visible.*vllm_mode='server'"):
         engine_cuda_devices(None, 8, 7, 8, 2)

@@ -97,7 +97,7 @@ def _launch(config: Path, num_processes: int) -> subprocess.CompletedProcess:
 
 def _samples(run: Path, t: int) -> list[dict]:
     store = A.IterationArtifacts(run, t)
-    return store.read_jsonl(A.PRESAMPLES) + store.read_jsonl(A.RESAMPLES)
+    return store.read_jsonl(A.samples_file(0)) + store.read_jsonl(A.samples_file(1))
 
 
 def _check_iteration(run: Path, t: int, num_processes: int) -> set[tuple[str, int]]:
@@ -105,13 +105,13 @@ def _check_iteration(run: Path, t: int, num_processes: int) -> set[tuple[str, in
     store = A.IterationArtifacts(run, t)
     stats = store.read_json(A.STATS)
     problems = [r["problem_id"] for r in store.read_jsonl(A.PROBLEMS)]
-    levels = {r["problem_id"]: r for r in store.read_jsonl(A.LEVELS)}
+    levels = {r["problem_id"]: r for r in store.read_jsonl(A.plan_file(1))}
     samples = _samples(run, t)
     keys = [(s["problem_id"], s["slot"]) for s in samples]
     assert len(keys) == len(set(keys)), "a (problem, slot) appears twice"
     assert len({s["sample_id"] for s in samples}) == len(samples)
     n_p = stats["num_presamples"]
-    wanted = {(p, slot) for p in problems for slot in range(n_p + levels[p]["resamples"])}
+    wanted = {(p, slot) for p in problems for slot in range(n_p + levels[p]["next_samples"])}
     assert set(keys) == wanted
     assert stats["budget_spent"] == stats["budget_planned"] == 8 * len(problems) == len(samples)
     # generated exactly once: the processes together generated as many samples as the iteration holds
@@ -119,7 +119,7 @@ def _check_iteration(run: Path, t: int, num_processes: int) -> set[tuple[str, in
     assert sum(stats["generated_per_process"]) == stats["generated_this_run"] == len(samples)
     assert len(stats["generated_per_process"]) == num_processes
     assert all(n > 0 for n in stats["generated_per_process"]), "a process generated nothing"
-    scores = store.read_jsonl(A.PRESAMPLE_SCORES) + store.read_jsonl(A.RESAMPLE_SCORES)
+    scores = store.read_jsonl(A.scored_file(0)) + store.read_jsonl(A.scored_file(1))
     assert sorted(s["sample_id"] for s in scores) == sorted(s["sample_id"] for s in samples)
     assert store.done and (store.model_dir / "config.json").exists()
     assert not list(store.dir.glob(".*.chunks")), "chunk directories are removed once a phase is merged"
@@ -162,13 +162,13 @@ def test_levels_and_allocation_are_computed_once_from_the_same_samples(reasoner_
     # the two-process run is handed the one-process run's samples and scores, and estimates from them
     src, dst = A.IterationArtifacts(one, 0), A.IterationArtifacts(two, 0)
     dst.dir.mkdir(parents=True)
-    for name in (A.PROBLEMS, A.PRESAMPLES, A.PRESAMPLE_SCORES):
+    for name in (A.PROBLEMS, A.samples_file(0), A.scored_file(0)):
         shutil.copy(src.path(name), dst.path(name))
     shutil.copy(one / A.RunManifest.FILE, two / A.RunManifest.FILE)
     _launch(_config(tmp_path / "two.yaml", reasoner_dir, two, num_iterations=1, problems_per_iteration=24), 2)
-    assert dst.read_jsonl(A.LEVELS) == src.read_jsonl(A.LEVELS)
+    assert dst.read_jsonl(A.plan_file(1)) == src.read_jsonl(A.plan_file(1))
     stats = dst.read_json(A.STATS)
-    assert A.PRESAMPLES not in stats["phases_computed"] and A.LEVELS in stats["phases_computed"]
+    assert A.samples_file(0) not in stats["phases_computed"] and A.plan_file(1) in stats["phases_computed"]
     assert stats["num_processes"] == 2
 
 

@@ -39,20 +39,15 @@ def record(output_dir: Path, iterations: int) -> list[dict]:
     out = []
     for t in range(iterations):
         store = A.IterationArtifacts(output_dir, t)
-        levels = store.read_jsonl(A.LEVELS)
-        samples = store.read_jsonl(A.PRESAMPLES) + store.read_jsonl(A.RESAMPLES)
-        scores = {
-            s["sample_id"]: s["score"]
-            for s in store.read_jsonl(A.PRESAMPLE_SCORES) + store.read_jsonl(A.RESAMPLE_SCORES)
-        }
+        assert store.rounds() == 2  # the release: pre-sampling and one re-sampling round
+        plan = store.read_jsonl(A.plan_file(1))
+        samples = store.read_jsonl(A.scored_file(0)) + store.read_jsonl(A.scored_file(1))
         out.append(
             {
                 "problems": [p["problem_id"] for p in store.read_jsonl(A.PROBLEMS)],
-                "levels": {r["problem_id"]: [r["level"], r["phi_a"], r["phi_r"]] for r in levels},
-                "allocation": {r["problem_id"]: r["resamples"] for r in levels},
-                "samples": {
-                    s["sample_id"]: [s["completion"], s["correct"], scores[s["sample_id"]]] for s in samples
-                },
+                "levels": {r["problem_id"]: [r["level"], r["phi_a"], r["phi_r"]] for r in plan},
+                "allocation": {r["problem_id"]: r["next_samples"] for r in plan},
+                "samples": {s["sample_id"]: [s["completion"], s["correct"], s["reward"]] for s in samples},
                 "rows": store.read_jsonl(A.TRAIN_ROWS),
             }
         )

@@ -117,15 +117,15 @@ def _summary(run: Path) -> list[dict]:
     out = []
     for t in range(NUM_ITERATIONS):
         store = A.IterationArtifacts(run, t)
-        samples = store.read_jsonl(A.PRESAMPLES) + store.read_jsonl(A.RESAMPLES)
+        samples = store.read_jsonl(A.samples_file(0)) + store.read_jsonl(A.samples_file(1))
         ids = [s["sample_id"] for s in samples]
         assert len(ids) == len(set(ids)) == BUDGET * PROBLEMS_PER_ITERATION, "a sample repeated or missing"
         stats = store.read_json(A.STATS)
         assert stats["budget_spent"] == stats["budget_planned"] == len(ids)
-        levels = store.read_jsonl(A.LEVELS)
-        wanted = {f"{r['problem_id']}/{slot}" for r in levels for slot in range(3 + r["resamples"])}
+        levels = store.read_jsonl(A.plan_file(1))
+        wanted = {f"{r['problem_id']}/{slot}" for r in levels for slot in range(3 + r["next_samples"])}
         assert set(ids) == wanted
-        scores = store.read_jsonl(A.PRESAMPLE_SCORES) + store.read_jsonl(A.RESAMPLE_SCORES)
+        scores = store.read_jsonl(A.scored_file(0)) + store.read_jsonl(A.scored_file(1))
         assert sorted(s["sample_id"] for s in scores) == sorted(ids)
         assert store.done and (store.model_dir / "model.safetensors").exists()
         assert not list(store.dir.glob(".*.chunks")) and not list(store.dir.glob(".*.tmp-*"))
@@ -155,7 +155,7 @@ def _first_chunk_written(store: A.IterationArtifacts, phase: str):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("phase", [A.PRESAMPLES, A.RESAMPLE_SCORES])
+@pytest.mark.parametrize("phase", [A.samples_file(0), A.scored_file(1)])
 def test_killed_in_a_data_phase_resumes_from_its_last_chunk(phase, reasoner_dir, tmp_path, uninterrupted):
     run, log = tmp_path / "run", tmp_path / "scores.log"
     config, env = _config(tmp_path, reasoner_dir, run), _env(log)
@@ -178,12 +178,12 @@ def test_killed_in_a_data_phase_resumes_from_its_last_chunk(phase, reasoner_dir,
     assert not set(done_before) & set(stats["phases_computed"])
     total = len(store.read_jsonl(phase))
     assert stats["units"][phase] == {"reused": saved, "computed": total - saved}
-    if phase == A.PRESAMPLES:  # nothing saved was generated again
+    if phase == A.samples_file(0):  # nothing saved was generated again
         assert stats["generated_this_run"] == BUDGET * PROBLEMS_PER_ITERATION - saved
     else:  # the resumed run scored only the re-samples not saved (plus nothing else of iteration 0)
-        resamples = len(store.read_jsonl(A.RESAMPLES))
+        resamples = len(store.read_jsonl(A.samples_file(1)))
         assert stats["generated_this_run"] == 0
-        assert stats["units"][A.RESAMPLE_SCORES]["computed"] == resamples - saved
+        assert stats["units"][A.scored_file(1)]["computed"] == resamples - saved
         scored_iteration_1 = BUDGET * PROBLEMS_PER_ITERATION
         assert _scored(log) - scored_before == PROBE + resamples - saved + scored_iteration_1
     assert _summary(run) == uninterrupted
@@ -208,7 +208,7 @@ def test_killed_during_training_resumes_without_resampling(reasoner_dir, tmp_pat
 
 def test_a_killed_atomic_write_leaves_no_file(tmp_path):
     """SIGKILL in the middle of writing a large phase file: the final name never appears."""
-    target = tmp_path / "iteration-0" / A.PRESAMPLES
+    target = tmp_path / "iteration-0" / A.samples_file(0)
     code = (
         "import sys; from trl_hsstar.artifacts import atomic_write_text\n"
         "atomic_write_text(sys.argv[1], 'x' * 400_000_000)\n"
@@ -222,5 +222,5 @@ def test_a_killed_atomic_write_leaves_no_file(tmp_path):
     assert list(target.parent.glob(".*.tmp-*")), "the write never started"
     assert not target.exists()
     store = A.IterationArtifacts(tmp_path, 0)
-    assert not store.has(A.PRESAMPLES)
+    assert not store.has(A.samples_file(0))
     assert store.remove_partial_files() and not list(target.parent.iterdir())

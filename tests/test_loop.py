@@ -74,10 +74,12 @@ class CountingSampler(TransformersSampler):
 
 def check_iteration(output_dir, t, answers, objective):
     store = A.IterationArtifacts(output_dir, t)
-    for name in A.PHASES:
+    phases = [A.PROBLEMS, A.samples_file(0), A.scored_file(0), A.plan_file(1), A.samples_file(1), A.scored_file(1)]
+    for name in [*phases, A.TRAIN_ROWS, A.STATS, A.MODEL, A.DONE]:
         assert store.has(name), f"iteration-{t} lacks {name}"
-    pres, res = store.read_jsonl(A.PRESAMPLES), store.read_jsonl(A.RESAMPLES)
-    levels = {r["problem_id"]: r for r in store.read_jsonl(A.LEVELS)}
+    assert store.completed_phases() == [*phases, A.TRAIN_ROWS, A.STATS, A.MODEL, A.DONE]
+    pres, res = store.read_jsonl(A.samples_file(0)), store.read_jsonl(A.samples_file(1))
+    levels = {r["problem_id"]: r for r in store.read_jsonl(A.plan_file(1))}
     # the budget spent equals B x N exactly
     assert len(pres) + len(res) == B * N
     # every (problem, slot) once; slots contiguous per problem
@@ -85,12 +87,12 @@ def check_iteration(output_dir, t, answers, objective):
     assert len(set(ids)) == len(ids)
     for pid, lv in levels.items():
         slots = sorted(s["slot"] for s in pres + res if s["problem_id"] == pid)
-        assert slots == list(range(NP + lv["resamples"]))
+        assert slots == list(range(NP + lv["next_samples"]))
     # only boundary problems received re-samples (unless no problem was boundary: then all, evenly)
     fell_back = next(iter(levels.values()))["fell_back"]
     if not fell_back:
-        assert all(lv["resamples"] == 0 for lv in levels.values() if lv["level"] != "boundary")
-    assert sum(lv["resamples"] for lv in levels.values()) == (B - NP) * N
+        assert all(lv["next_samples"] == 0 for lv in levels.values() if lv["level"] != "boundary")
+    assert sum(lv["next_samples"] for lv in levels.values()) == (B - NP) * N
     # every SFT row verifies; every DPO pair has a correct chosen and an incorrect rejected response
     rows = store.read_jsonl(A.TRAIN_ROWS)
     with MathVerifier() as verify:
@@ -105,7 +107,14 @@ def check_iteration(output_dir, t, answers, objective):
     assert stats["budget_spent"] == stats["budget_planned"] == B * N
     assert stats["rows"] == len(rows)
     # every file reloads: JSON Lines through datasets, the model through transformers
-    for name in (A.PROBLEMS, A.PRESAMPLES, A.PRESAMPLE_SCORES, A.LEVELS, A.RESAMPLES, A.RESAMPLE_SCORES):
+    for name in (
+        A.PROBLEMS,
+        A.samples_file(0),
+        A.scored_file(0),
+        A.plan_file(1),
+        A.samples_file(1),
+        A.scored_file(1),
+    ):
         assert len(load_dataset("json", data_files=str(store.path(name)), split="train")) > 0
     if rows:
         assert len(load_dataset("json", data_files=str(store.path(A.TRAIN_ROWS)), split="train")) == len(rows)
@@ -181,16 +190,16 @@ def test_resume_skips_completed_phases(reasoner_dir, problems, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     store = A.IterationArtifacts(tmp_path, 0)
-    assert store.completed_phases() == [A.PROBLEMS, A.PRESAMPLES, A.PRESAMPLE_SCORES, A.LEVELS]
+    assert store.completed_phases() == [A.PROBLEMS, A.samples_file(0), A.scored_file(0), A.plan_file(1)]
     assert (sampler.calls, sampler.samples) == (1, NP * N)
-    presamples = store.read_jsonl(A.PRESAMPLES)
+    presamples = store.read_jsonl(A.samples_file(0))
 
     trainer, sampler = make_trainer(reasoner_dir, problems, tmp_path)
     trainer.train()
     # iteration 0: only re-sampling ran again; iteration 1: pre- and re-sampling
     assert sampler.calls == 3
     assert sampler.samples == (B - NP) * N + B * N
-    assert store.read_jsonl(A.PRESAMPLES) == presamples  # the pre-samples were kept, not redone
+    assert store.read_jsonl(A.samples_file(0)) == presamples  # the pre-samples were kept, not redone
     assert A.IterationArtifacts(tmp_path, 1).done
 
 

@@ -26,8 +26,8 @@ from trl_hsstar.config import _VLLM_FIELDS, HSStarArguments, HSStarConfig, HSSta
 from trl_hsstar.recipe import main as recipe_main
 from trl_hsstar.recipe import parse
 from trl_hsstar.rewards import ProcessRewardModel
+from trl_hsstar.scoring import load_reward_model as _load_reward_model
 from trl_hsstar.toy import build_char_tokenizer, build_tiny_model
-from trl_hsstar.trainer import _load_reward_model
 from trl_hsstar.verify import MathVerifier
 
 PACKAGE = Path(__file__).resolve().parents[1] / "trl_hsstar"

@@ -313,7 +313,7 @@ def test_two_iterations_with_the_engine_reloaded_each_iteration_and_killed_mid_p
         """At the start of each iteration's sampling, the engine must serve the model the trainer holds."""
 
         def on_levels_estimated(self, args, state, control, iteration=None, **kwargs):
-            engine = trainer._vllm
+            engine = trainer.generation.engine
             model_dir = (
                 reasoner_dir
                 if iteration == 0
@@ -342,7 +342,9 @@ def test_two_iterations_with_the_engine_reloaded_each_iteration_and_killed_mid_p
     )
     engines = []
     monkeypatch.setattr(
-        trainer, "_start_vllm", lambda start=trainer._start_vllm: engines.append(start()) or engines[-1]
+        trainer.generation,
+        "_start_vllm",
+        lambda start=trainer.generation._start_vllm: engines.append(start()) or engines[-1],
     )
     trainer.train()
     assert checks == [(0, True), (1, True)]
@@ -352,17 +354,19 @@ def test_two_iterations_with_the_engine_reloaded_each_iteration_and_killed_mid_p
         store = A.IterationArtifacts(tmp_path, t)
         stats = store.read_json(A.STATS)
         assert stats["sampler"] == "vllm"
-        samples = store.read_jsonl(A.PRESAMPLES) + store.read_jsonl(A.RESAMPLES)
+        samples = store.read_jsonl(A.samples_file(0)) + store.read_jsonl(A.samples_file(1))
         keys = [(s["problem_id"], s["slot"]) for s in samples]
         assert len(set(keys)) == len({s["sample_id"] for s in samples}) == len(samples)
         assert len(samples) == stats["budget_planned"] == stats["budget_spent"] == 4 * 16
-        levels = store.read_jsonl(A.LEVELS)  # every (problem, slot) the allocation asked for, exactly once
-        assert set(keys) == {(r["problem_id"], j) for r in levels for j in range(2 + r["resamples"])}
+        levels = store.read_jsonl(
+            A.plan_file(1)
+        )  # every (problem, slot) the allocation asked for, exactly once
+        assert set(keys) == {(r["problem_id"], j) for r in levels for j in range(2 + r["next_samples"])}
         assert (
             stats["generated_this_run"] == len(samples) + probes[t]
         )  # generated once (the lost chunk: never)
     assert (tmp_path / "vllm-0.log").exists()
-    assert trainer._vllm is None  # the engine was closed
+    assert trainer.generation.engine is None  # the engine was closed
 
 
 @pytest.mark.slow
@@ -391,8 +395,8 @@ def test_qlora_trains_in_4bit_while_the_engine_serves_the_16bit_base_and_the_ada
             ).exists()
             peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(reasoner_dir), adapter)
             expected = greedy(TransformersSampler(peft, tok, progress=False), PROMPTS[:4])
-            checks.append(greedy(trainer._vllm, PROMPTS[:4]) == expected)
-            checks.append(trainer._vllm.adapter[2] == str(adapter))
+            checks.append(greedy(trainer.generation.engine, PROMPTS[:4]) == expected)
+            checks.append(trainer.generation.engine.adapter[2] == str(adapter))
 
     model_args = ModelConfig(
         model_name_or_path=str(reasoner_dir),
@@ -541,7 +545,7 @@ def test_two_iterations_against_a_server(server, reasoner_dir, tmp_path):
         store = A.IterationArtifacts(tmp_path / "run", t)
         stats = store.read_json(A.STATS)
         assert stats["sampler"] == "vllm-server"
-        samples = store.read_jsonl(A.PRESAMPLES) + store.read_jsonl(A.RESAMPLES)
+        samples = store.read_jsonl(A.samples_file(0)) + store.read_jsonl(A.samples_file(1))
         assert len({(s["problem_id"], s["slot"]) for s in samples}) == len(samples)
         assert len(samples) == stats["budget_planned"] == stats["budget_spent"] == 4 * 16
     probe.load_weights(reasoner_dir)  # leave the shared server as the other tests expect it
@@ -577,7 +581,7 @@ def test_an_unreachable_server_fails_before_any_sampling(reasoner_dir, tmp_path)
     with pytest.raises(EngineError, match=rf"127\.0\.0\.1:{port}.*vllm_server_base_url"):
         trainer.train()
     store = A.IterationArtifacts(tmp_path / "run", 0)
-    assert not store.path(A.PRESAMPLES).exists() and not list(store.dir.glob(".*.chunks*"))
+    assert not store.path(A.samples_file(0)).exists() and not list(store.dir.glob(".*.chunks*"))
 
 
 @pytest.mark.gpu

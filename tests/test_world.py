@@ -183,7 +183,7 @@ def test_evaluate_levels_scores_greedy_answers(reasoner_dir):
 
 def test_prm_is_trained_on_the_reasoners_samples_and_loads_as_a_reward(reasoner_dir, tmp_path):
     from trl_hsstar.rewards import ProcessRewardModel
-    from trl_hsstar.trainer import _load_reward_model
+    from trl_hsstar.scoring import load_reward_model as _load_reward_model
 
     path = toy_prm_path(reasoner_dir, tmp_path, **SMALL_PRM)
     metrics = json.loads((path / "prm_metrics.json").read_text())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["keep_bnb_4bit_weights_trainable_on_cpu"]
+__all__ = ["keep_bnb_4bit_weights_trainable_on_cpu", "load_checkpoint"]
 
 
 def keep_bnb_4bit_weights_trainable_on_cpu(model: torch.nn.Module) -> int:
@@ -32,3 +32,13 @@ def keep_bnb_4bit_weights_trainable_on_cpu(model: torch.nn.Module) -> int:
                 )
             changed += 1
     return changed
+
+
+def load_checkpoint(trainer, model_dir) -> None:
+    """Load a saved iteration's weights (or adapter, for PEFT) into ``trainer.model``.
+
+    transformers has no public call that loads a checkpoint into a live model for every layout (full weights,
+    sharded, safetensors, PEFT adapters); its Trainer resumes through this private method, and so do we.
+    ``tests/test_compat.py`` fails when its signature changes.
+    """
+    trainer._load_from_checkpoint(str(model_dir))

@@ -127,6 +127,7 @@ def allocate(
     seed: int = 0,
     target_levels: Sequence[Level | str] = (Level.BOUNDARY,),
     band: tuple[float, float] = (0.0, 1.0),
+    remaining: int | None = None,
 ) -> Allocation:
     """Decide how many re-samples each problem gets.
 
@@ -139,9 +140,12 @@ def allocate(
         seed: seeds the choice of who gets the indivisible remainder.
         target_levels: for ``"hsstar"``, the levels that receive the remainder.
         band: for ``"band"``, the open interval of pre-sample accuracy that is eligible.
+        remaining: the samples to hand out; by default the whole remainder ``(budget - num_presamples) * N``.
+            A loop of several re-sampling rounds hands out one slice of it per round.
 
     Returns:
-        An :class:`Allocation` whose ``total`` is exactly ``budget * len(difficulties)``.
+        An :class:`Allocation` whose re-samples add up to exactly ``remaining`` (so that by default ``total`` is
+        exactly ``budget * len(difficulties)``).
 
     Example:
         >>> from trl_hsstar.difficulty import Difficulty, Level
@@ -152,7 +156,17 @@ def allocate(
     _check_strategy(strategy)
     _check_budget(budget, num_presamples)
     n = len(difficulties)
-    remaining = (budget - num_presamples) * n
+    if remaining is None:
+        remaining = (budget - num_presamples) * n
+    elif (
+        isinstance(remaining, bool)
+        or not isinstance(remaining, int)
+        or not 0 <= remaining <= (budget - num_presamples) * n
+    ):
+        raise ValueError(
+            f"`remaining` must be an integer between 0 and (budget - num_presamples) * N = "
+            f"{(budget - num_presamples) * n}, got {remaining!r}."
+        )
     rng = random.Random(seed)
 
     if strategy == "hsstar":

@@ -6,7 +6,7 @@ every Trainer event, ``model`` and ``processing_class``, plus the iteration inde
 arguments:
 
 ``on_iteration_begin(args, state, control, iteration, problems, **kwargs)``
-    Before sampling. ``problems`` is the iteration's list of :class:`~trl_hsstar.pipeline.Problem`.
+    Before sampling. ``problems`` is the iteration's list of :class:`~trl_hsstar.records.Problem`.
 ``on_levels_estimated(args, state, control, iteration, difficulties, resamples, **kwargs)``
     After difficulty estimation and allocation: ``difficulties`` maps problem id to
     :class:`~trl_hsstar.difficulty.Difficulty`, ``resamples`` to the re-samples it will get.
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
-__all__ = ["HSStarCallback"]
+__all__ = ["HSStarCallback", "emit"]
 
 HSSTAR_EVENTS = ("on_iteration_begin", "on_levels_estimated", "on_rows_selected", "on_iteration_end")
 
@@ -43,3 +43,24 @@ class HSStarCallback(TrainerCallback):
 
     def on_iteration_end(self, args, state, control, **kwargs):
         pass
+
+
+def emit(callbacks, event: str, args, state, control, **payload):
+    """Call ``event`` on every callback that defines it; for ``on_rows_selected``, return the rows as the
+    callbacks left them (a callback returns a new list, or ``None`` to keep them)."""
+    if event not in HSSTAR_EVENTS:
+        raise ValueError(f"unknown HS-STaR event {event!r}; the events are {HSSTAR_EVENTS}")
+    rows = payload.get("rows")
+    for callback in callbacks:
+        fn = getattr(callback, event, None)
+        if fn is None:
+            continue
+        out = fn(args, state, control, **payload)
+        if event == "on_rows_selected" and out is not None:
+            if not isinstance(out, list):
+                raise TypeError(
+                    f"{type(callback).__name__}.on_rows_selected returned {type(out).__name__}; return a list of "
+                    "rows, or None to keep them."
+                )
+            rows = payload["rows"] = out
+    return rows

@@ -72,6 +72,9 @@ class HSStarArguments:
             B: the average number of samples per problem per iteration. An iteration spends exactly B × N samples.
         num_presamples (`int`, *optional*, defaults to `3`):
             n_p: samples per problem in the pre-sampling phase, which estimates difficulty.
+        resample_rounds (`int`, *optional*, defaults to `1`):
+            Re-sampling rounds after pre-sampling. Before each, every problem's level is re-estimated from all its
+            samples so far and an even slice of the remaining budget is allocated. The release uses one.
         temperature (`float`, *optional*, defaults to `0.7`):
             Sampling temperature.
         top_p (`float`, *optional*, defaults to `0.95`):
@@ -174,6 +177,13 @@ class HSStarArguments:
         default=8, metadata={"help": "B: average samples per problem per iteration."}
     )
     num_presamples: int = field(default=3, metadata={"help": "n_p: pre-samples per problem."})
+    resample_rounds: int = field(
+        default=1,
+        metadata={
+            "help": "Re-sampling rounds after pre-sampling, each re-estimating levels and taking an even slice of "
+            "the remaining budget (the release: 1)."
+        },
+    )
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature."})
     top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling probability."})
     max_completion_length: int = field(default=512, metadata={"help": "Maximum tokens generated per sample."})
@@ -276,6 +286,7 @@ class HSStarArguments:
         for name in (
             "num_iterations",
             "sampling_budget",
+            "resample_rounds",
             "max_completion_length",
             "generation_batch_size",
             "sampling_chunk_size",

@@ -1,22 +1,27 @@
-"""One HS-STaR iteration's data generation: presample, score, estimate, allocate, resample, score, select.
+"""One HS-STaR iteration's data, as a straight line of sampling rounds over typed records.
 
-Data flows one way::
+::
 
-    problems -> pre-samples -> scores -> levels -> allocation -> re-samples -> scores -> training rows
+    problems -> round 0: sample, verify, score -> plan (levels from all samples so far, allocation of the next
+             slice of the budget) -> round 1: sample, verify, score -> ... -> training rows
 
-Each arrow leaves a file in ``output_dir/iteration-<t>/`` (see :mod:`trl_hsstar.artifacts`); a phase whose
-file exists is read back instead of recomputed, which is what makes a killed run resumable without losing or
-repeating samples. The pipeline knows nothing of trainers: it is handed a sampler, a verifier, a scoring
-function and its settings, and returns training rows plus the iteration's statistics.
+Round 0 pre-samples every problem. Each later round re-estimates every problem's level from all of its samples so
+far and hands out the next slice of the budget through the pure core (:func:`~trl_hsstar.budget.allocate`). The
+release's method is two rounds: pre-sampling, then one re-sampling round that gets the whole remainder
+(``resample_rounds=1``); the uniform, prop2diff and band baselines are other allocation rules on the same loop.
+A problem trains under the level of the last plan, the one that decided its last samples.
+
+Each phase leaves a file through the phase store (:class:`~trl_hsstar.artifacts.PhaseStore`); a phase whose
+file exists is read back instead of recomputed, and sampling and scoring are checkpointed in chunks, so a killed
+run resumes inside any round without losing or repeating a sample. The pipeline knows nothing of trainers: it
+is handed a sampler, a verifier, a scoring function and its settings, and returns the training rows plus the
+iteration's statistics.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
-import shutil
 import time
 import zlib
 from collections import Counter
@@ -24,12 +29,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from . import artifacts as A
 from .budget import allocate, presamples_for
 from .difficulty import Difficulty, Level, count_levels, estimate_difficulty
 from .distributed import Collective
+from .records import Problem, ProblemStats, Sample, sample_id
 from .sampling import Sampler, SamplingParams, SamplingStats
 from .selection import ScoredSample, select_dpo_pairs, select_sft_rows
 
@@ -39,39 +43,6 @@ __all__ = ["IterationResult", "PipelineEvents", "PipelineSettings", "Problem", "
 
 ScoreFn = Callable[..., list]
 """``score_fn(prompts, completions, **columns) -> list[float | None]`` (TRL reward-function convention)."""
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One problem of an iteration."""
-
-    id: str
-    prompt: Any
-    """As in the dataset: a string, or chat messages."""
-    prompt_text: str
-    """The prompt rendered for generation (chat template applied for messages)."""
-    answer: str
-    columns: dict = field(default_factory=dict)
-    """The dataset's other columns, passed to reward functions."""
-
-    @property
-    def conversational(self) -> bool:
-        return not isinstance(self.prompt, str)
-
-    def to_row(self) -> dict:
-        return {
-            "problem_id": self.id,
-            "prompt": self.prompt,
-            "prompt_text": self.prompt_text,
-            "answer": self.answer,
-            "columns": self.columns,
-        }
-
-    @classmethod
-    def from_row(cls, row: dict) -> Problem:
-        return cls(
-            row["problem_id"], row["prompt"], row["prompt_text"], row["answer"], row.get("columns") or {}
-        )
 
 
 @dataclass(frozen=True)
@@ -88,6 +59,8 @@ class PipelineSettings:
     seed: int = 0
     chunk_size: int = 512
     """Samples generated (or scored) per checkpointed chunk of a phase."""
+    resample_rounds: int = 1
+    """Rounds after pre-sampling; the remainder of the budget is split evenly between them (the release: 1)."""
     sampling: SamplingParams = field(default_factory=SamplingParams)
 
 
@@ -106,12 +79,9 @@ class IterationResult:
     rows: list[dict]
     stats: dict[str, Any]
     difficulties: dict[str, Difficulty]
+    """The levels of the last plan, by problem id."""
     resamples: dict[str, int]
-
-
-def _completion_for(problem: Problem, text: str) -> Any:
-    """A completion in the dataset's format: text, or an assistant message for chat prompts."""
-    return [{"role": "assistant", "content": text}] if problem.conversational else text
+    """Samples after pre-sampling, by problem id."""
 
 
 def _verify_all(
@@ -128,12 +98,12 @@ def _verify_all(
 def _sample(
     units: Sequence[tuple[Problem, int]],
     *,
-    phase: str,
+    round_: int,
     sampler: Sampler,
     params: SamplingParams,
     verifier: Callable[[str, str], bool],
     always_call: bool = False,
-) -> list[dict]:
+) -> list[Sample]:
     """Generate and verify one sample per ``(problem, slot)`` unit; units of a problem are consecutive slots.
 
     With ``always_call`` the sampler is called even for no units (every process must call it together when
@@ -142,210 +112,115 @@ def _sample(
     requests: list[list] = []  # [problem, first slot, count], one per run of consecutive slots of a problem
     for problem, slot in units:
         last = requests[-1] if requests else None
-        if last is not None and last[0].id == problem.id and last[1] + last[2] == slot:
+        if last is not None and last[0].problem_id == problem.problem_id and last[1] + last[2] == slot:
             last[2] += 1
         else:
             requests.append([problem, slot, 1])
     if not requests and not always_call:
         return []
+    name = getattr(sampler, "name", type(sampler).__name__)
     outputs = sampler.generate([p.prompt_text for p, _, _ in requests], [c for _, _, c in requests], params)
     if len(outputs) != len(requests):
         raise RuntimeError(
-            f"sampler {getattr(sampler, 'name', type(sampler).__name__)!r} returned {len(outputs)} lists of "
-            f"completions for {len(requests)} prompts"
+            f"sampler {name!r} returned {len(outputs)} lists of completions for {len(requests)} prompts"
         )
-    rows = []
-    for (problem, start, count), completions in zip(requests, outputs):
+    for (problem, _, count), completions in zip(requests, outputs):
         if len(completions) != count:
             raise RuntimeError(
-                f"sampler {getattr(sampler, 'name', type(sampler).__name__)!r} returned {len(completions)} "
-                f"completions for problem {problem.id!r} instead of {count}"
+                f"sampler {name!r} returned {len(completions)} completions for problem {problem.problem_id!r} "
+                f"instead of {count}"
             )
-        for j, c in enumerate(completions):
-            slot = start + j
-            rows.append(
-                {
-                    "sample_id": sample_id(problem.id, slot),
-                    "problem_id": problem.id,
-                    "slot": slot,
-                    "phase": phase,
-                    "completion": c.text,
-                    "num_tokens": c.num_tokens,
-                    "finish_reason": c.finish_reason,
-                }
-            )
-    by_id = {p.id: p for p, _, _ in requests}
-    verdicts = _verify_all(
-        verifier, [r["completion"] for r in rows], [by_id[r["problem_id"]].answer for r in rows]
-    )
-    for row, ok in zip(rows, verdicts):
-        row["correct"] = ok
-    return rows
+    flat = [(p, start + j, c) for (p, start, _), cs in zip(requests, outputs) for j, c in enumerate(cs)]
+    verdicts = _verify_all(verifier, [c.text for _, _, c in flat], [p.answer for p, _, _ in flat])
+    return [
+        Sample(
+            sample_id(p.problem_id, slot),
+            p.problem_id,
+            slot,
+            round_,
+            c.text,
+            c.num_tokens,
+            c.finish_reason,
+            ok,
+        )
+        for (p, slot, c), ok in zip(flat, verdicts)
+    ]
 
 
-def _score(samples: list[dict], problems: dict[str, Problem], score_fn: ScoreFn | None) -> list[dict]:
-    """S(r) per sample: ``[{"sample_id", "score"}]`` (``None`` everywhere without a reward source)."""
+def _score(samples: list[Sample], problems: dict[str, Problem], score_fn: ScoreFn | None) -> list[Sample]:
+    """The samples with their reward S(r) (``None`` everywhere without a reward source)."""
     if score_fn is None or not samples:
-        return [{"sample_id": s["sample_id"], "score": None} for s in samples]
-    ps = [problems[s["problem_id"]] for s in samples]
+        return list(samples)
+    ps = [problems[s.problem_id] for s in samples]
     columns: dict[str, list] = {}
     for key in sorted({k for p in ps for k in p.columns}):
         columns[key] = [p.columns.get(key) for p in ps]
     columns.setdefault("answer", [p.answer for p in ps])
-    scores = score_fn(
-        [p.prompt for p in ps], [_completion_for(p, s["completion"]) for p, s in zip(ps, samples)], **columns
+    rewards = score_fn(
+        [p.prompt for p in ps], [p.completion(s.completion) for p, s in zip(ps, samples)], **columns
     )
-    return [
-        {"sample_id": s["sample_id"], "score": None if v is None else float(v)}
-        for s, v in zip(samples, scores)
-    ]
+    return [s.scored(v) for s, v in zip(samples, rewards)]
 
 
-def sample_id(problem_id: str, slot: int) -> str:
-    """The id of sample ``slot`` of a problem: unique within an iteration."""
-    return f"{problem_id}/{slot}"
+def _round_label(round_: int) -> str:
+    # "pre" and "re" seed the release's two rounds as before the rounds loop, so their draws are unchanged
+    return "pre" if round_ == 0 else "re" if round_ == 1 else f"re{round_}"
 
 
-class _Run:
-    """One call of :func:`run_iteration`: its store, process group, timings and chunk accounting."""
+def _seeded(params: SamplingParams, round_: int, first: int | None) -> SamplingParams:
+    """One seed per chunk, from the round and the chunk's first unit: a resumed or re-sharded run draws what an
+    uninterrupted one draws, and no two chunks share a random stream."""
+    if params.seed is None or first is None:
+        return params
+    return dataclasses.replace(
+        params, seed=zlib.crc32(f"{params.seed}:{_round_label(round_)}:{first}".encode())
+    )
 
-    def __init__(self, store: A.IterationArtifacts, coll: Collective, chunk_size: int, progress: bool):
-        self.store, self.coll, self.chunk_size, self.progress = store, coll, chunk_size, progress
-        self.computed: list[str] = []
-        self.timings: dict[str, float] = {}
-        self.units: dict[str, dict[str, int]] = {}
 
-    def main_phase(
-        self, name: str, compute: Callable[[], list[dict]], share: bool = True
-    ) -> list[dict] | None:
-        """A phase computed by the main process alone: read its file if complete, else compute and write it.
-        With ``share``, every process gets the rows (broadcast); otherwise the other processes get ``None``."""
-        start = time.monotonic()
-        rows = None
-        if self.coll.is_main:
-            if self.store.has(name):
-                rows = self.store.read_jsonl(name)
-            else:
-                rows = compute()
-                self.store.write_jsonl(name, rows)
-                self.computed.append(name)
-                self.timings[name] = time.monotonic() - start
-        return self.coll.broadcast(rows) if share else rows
-
-    def chunked_phase(
-        self,
-        name: str,
-        units: list,
-        key: Callable[[Any], str],
-        compute: Callable[[list, int | None], list[dict]],
-        *,
-        desc: str,
-    ) -> list[dict] | None:
-        """A phase over ``units`` (one output row per unit, with ``sample_id == key(unit)``), shared by all processes
-        and checkpointed in chunks.
-
-        The main process lists the chunks still to do (``<phase>.chunks/chunk-<first unit>.jsonl`` files already
-        written are complete: each is renamed into place whole) and broadcasts the plan; in each round every
-        process computes one chunk (or calls ``compute([], None)`` if none is left for it), the main process
-        gathers the rows and writes each chunk's file. Once every chunk is written, the main process merges them,
-        checks that each unit has exactly one row, writes the phase file and removes the chunks. Returns the rows in
-        unit order on the main process, ``None`` on the others.
-        """
-        store, coll = self.store, self.coll
-        chunk_dir = store.path(f".{name}.chunks")
-        plan = None
-        if coll.is_main:
-            if store.has(name):
-                plan = {"done": True}
-            else:
-                done = _read_chunks(chunk_dir)
-                keys = [key(u) for u in units]
-                position = {k: i for i, k in enumerate(keys)}
-                unknown = [k for k in done if k not in position]
-                if unknown:
-                    raise RuntimeError(
-                        f"{chunk_dir} holds rows for {len(unknown)} unit(s) this phase does not have (e.g. "
-                        f"{unknown[0]!r}): the run's settings changed since they were written. Remove that directory "
-                        "to redo the phase."
-                    )
-                pending = [i for i, k in enumerate(keys) if k not in done]
-                chunks = [pending[j : j + self.chunk_size] for j in range(0, len(pending), self.chunk_size)]
-                plan = {"done": False, "chunks": chunks, "reused": len(done)}
-        plan = coll.broadcast(plan)
-        if plan["done"]:
-            if chunk_dir.exists() and coll.is_main:
-                shutil.rmtree(chunk_dir, ignore_errors=True)  # a kill after the merge and before the clean-up
-            return store.read_jsonl(name) if coll.is_main else None
-
-        start = time.monotonic()
-        chunks, p = plan["chunks"], coll.num_processes
-        total = sum(len(c) for c in chunks)
-        bar = tqdm(
-            total=len(units),
-            initial=len(units) - total,
-            desc=desc,
-            unit="sample",
-            disable=not (self.progress and coll.is_main),
-            leave=False,
+def _plan(
+    problems: list[Problem],
+    samples: list[Sample],
+    remaining: int,
+    round_: int,
+    settings: PipelineSettings,
+    n_p: int,
+) -> list[ProblemStats]:
+    """Re-estimate every problem from all its samples so far and hand out ``remaining`` samples for ``round_``."""
+    by_problem: dict[str, list[Sample]] = {p.problem_id: [] for p in problems}
+    for s in samples:
+        by_problem[s.problem_id].append(s)
+    difficulties = [
+        estimate_difficulty(
+            [s.correct for s in by_problem[p.problem_id]],
+            [s.reward for s in by_problem[p.problem_id]],
+            estimator=settings.difficulty_estimator,
+            thresholds=settings.reward_thresholds,
         )
-        with bar:
-            for r in range(math.ceil(len(chunks) / p)):
-                mine = (
-                    chunks[r * p + coll.process_index] if r * p + coll.process_index < len(chunks) else None
-                )
-                rows = compute([units[i] for i in mine], mine[0]) if mine else compute([], None)
-                gathered = coll.gather([(mine, rows)] if mine else [])
-                if coll.is_main:
-                    for indices, chunk_rows in gathered:
-                        wanted = [key(units[i]) for i in indices]
-                        got = [row["sample_id"] for row in chunk_rows]
-                        if sorted(got) != sorted(wanted):
-                            raise RuntimeError(
-                                f"phase {name!r}: a chunk returned rows for {len(got)} unit(s) instead of its "
-                                f"{len(wanted)} (first wanted {wanted[0]!r})"
-                            )
-                        A.atomic_write_text(
-                            chunk_dir / f"chunk-{indices[0]:08d}.jsonl",
-                            "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in chunk_rows),
-                        )
-                        bar.update(len(indices))
-        rows = None
-        if coll.is_main:
-            done = _read_chunks(chunk_dir)
-            missing = [key(u) for u in units if key(u) not in done]
-            if missing or len(done) != len(units):
-                raise RuntimeError(
-                    f"phase {name!r}: {len(missing)} unit(s) have no row after every chunk ran (e.g. "
-                    f"{missing[:1]}); rerun to compute them."
-                )
-            rows = [done[key(u)] for u in units]
-            store.write_jsonl(name, rows)
-            shutil.rmtree(chunk_dir, ignore_errors=True)
-            self.computed.append(name)
-            self.timings[name] = time.monotonic() - start
-            self.units[name] = {"computed": total, "reused": plan["reused"]}
-        coll.barrier()
-        return rows
-
-
-def _read_chunks(chunk_dir) -> dict[str, dict]:
-    """Rows of the complete chunk files in ``chunk_dir``, by sample id (a unit in two chunks is an error)."""
-    rows: dict[str, dict] = {}
-    if not chunk_dir.is_dir():
-        return rows
-    for path in sorted(chunk_dir.glob("chunk-*.jsonl")):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                row = json.loads(line)
-                if row["sample_id"] in rows:
-                    raise RuntimeError(
-                        f"{path} repeats sample {row['sample_id']!r} of another chunk: remove {chunk_dir} to redo "
-                        "the phase."
-                    )
-                rows[row["sample_id"]] = row
-    return rows
+        for p in problems
+    ]
+    seed = settings.seed if round_ == 1 else zlib.crc32(f"{settings.seed}:plan:{round_}".encode())
+    plan = allocate(
+        difficulties,
+        strategy=settings.allocation,
+        budget=settings.budget,
+        num_presamples=n_p,
+        seed=seed,
+        target_levels=settings.resample_levels,
+        remaining=remaining,
+    )
+    if plan.fell_back:
+        logger.warning(
+            "No problem was eligible for re-sampling in round %d under allocation=%r (e.g. no boundary problem): "
+            "its %d samples are spread evenly over all %d problems.",
+            round_,
+            settings.allocation,
+            remaining,
+            len(problems),
+        )
+    return [
+        ProblemStats(p.problem_id, d, r, plan.fell_back)
+        for p, d, r in zip(problems, difficulties, plan.resamples)
+    ]
 
 
 def run_iteration(
@@ -363,129 +238,95 @@ def run_iteration(
     """Generate one iteration's training data, resuming from whatever phases ``store`` already holds.
 
     Every process of ``collective`` calls it with the same problems and settings. Sampling and scoring are
-    shared out in chunks of ``settings.chunk_size`` samples; the problems, levels, allocation and statistics
-    are decided by the main process and broadcast; only the main process writes files. ``result.rows`` (the
-    training rows) is filled on the main process only; every process gets the same ``stats``, ``difficulties``
-    and ``resamples``.
+    shared out in chunks of ``settings.chunk_size`` samples; the problems, plans and statistics are decided by
+    the main process and broadcast; only the main process writes files. ``result.rows`` (the training rows) is
+    filled on the main process only; every process gets the same ``stats``, ``difficulties`` and ``resamples``.
     """
     events = events or PipelineEvents()
     coll = collective or Collective()
-    run = _Run(store, coll, settings.chunk_size, progress)
+    phases = A.PhaseStore(store, coll, settings.chunk_size, progress)
     t0 = time.monotonic()
     if coll.is_main:
         for path in store.remove_partial_files():
             logger.info("Removed %s, left half-written by a killed run", path)
 
-    # problems: the problem list is fixed once written, so a resume uses exactly the same problems
-    problem_rows = run.main_phase(A.PROBLEMS, lambda: [p.to_row() for p in problems])
-    problems = [Problem.from_row(r) for r in problem_rows]
-    by_id = {p.id: p for p in problems}
-    n = len(problems)
+    # The problems: fixed once written, so a resume uses exactly the same ones.
+    problems = [Problem.from_row(r) for r in phases.main(A.PROBLEMS, lambda: [p.to_row() for p in problems])]
+    by_id = {p.problem_id: p for p in problems}
     distributed = coll.num_processes > 1
     gen_before = sampler.stats
-
-    def seeded(params: SamplingParams, phase: str, first: int | None) -> SamplingParams:
-        # One seed per chunk, from the phase and the chunk's first unit: a resumed or re-sharded run draws what an
-        # uninterrupted one draws, and no two chunks share a random stream.
-        if params.seed is None or first is None:
-            return params
-        return dataclasses.replace(params, seed=zlib.crc32(f"{params.seed}:{phase}:{first}".encode()))
-
-    def sample_phase(name: str, units: list[tuple[Problem, int]], phase: str, desc: str) -> list[dict] | None:
-        def compute(chunk: list, first: int | None) -> list[dict]:
-            return _sample(
-                chunk,
-                phase=phase,
-                sampler=sampler,
-                params=seeded(settings.sampling, phase, first),
-                verifier=verifier,
-                always_call=distributed,
-            )
-
-        return run.chunked_phase(name, units, lambda u: sample_id(u[0].id, u[1]), compute, desc=desc)
-
-    def score_phase(name: str, samples: list[dict] | None, samples_name: str, desc: str) -> list[dict] | None:
-        if (
-            samples is None
-        ):  # the other processes read the samples file, complete since the sampling phase ended
-            samples = [] if store.has(name) else store.read_jsonl(samples_name)
-        return run.chunked_phase(
-            name,
-            samples,
-            lambda s: s["sample_id"],
-            lambda chunk, _: _score(chunk, by_id, score_fn),
-            desc=desc,
-        )
-
-    # 1. pre-sampling
     n_p = presamples_for(settings.allocation, settings.budget, settings.num_presamples)
-    pre_units = [(p, slot) for p in problems for slot in range(n_p)]
-    presamples = sample_phase(A.PRESAMPLES, pre_units, "pre", f"pre-sampling (iteration {store.iteration})")
-    pre_scores = score_phase(
-        A.PRESAMPLE_SCORES, presamples, A.PRESAMPLES, f"scoring pre-samples (iteration {store.iteration})"
-    )
+    remaining = (settings.budget - n_p) * len(problems)
 
-    # 2. difficulty estimation and 3. allocation, on the main process, broadcast
-    def estimate() -> list[dict]:
-        score_of = {s["sample_id"]: s["score"] for s in pre_scores}
-        per_problem: dict[str, list[dict]] = {p.id: [] for p in problems}
-        for s in presamples:
-            per_problem[s["problem_id"]].append(s)
-        difficulties = [
-            estimate_difficulty(
-                [s["correct"] for s in per_problem[p.id]],
-                [score_of[s["sample_id"]] for s in per_problem[p.id]],
-                estimator=settings.difficulty_estimator,
-                thresholds=settings.reward_thresholds,
+    def sample_round(r: int, units: list[tuple[Problem, int]]) -> list[Sample] | None:
+        """Round ``r``: sample and verify (checkpointed), then score (checkpointed); main process only."""
+
+        def generate(chunk: list, first: int | None) -> list[dict]:
+            params = _seeded(settings.sampling, r, first)
+            found = _sample(
+                chunk, round_=r, sampler=sampler, params=params, verifier=verifier, always_call=distributed
             )
-            for p in problems
-        ]
-        plan = allocate(
-            difficulties,
-            strategy=settings.allocation,
-            budget=settings.budget,
-            num_presamples=n_p,
-            seed=settings.seed,
-            target_levels=settings.resample_levels,
+            return [s.to_row() for s in found]
+
+        what = "pre-sampling" if r == 0 else f"re-sampling round {r}"
+        rows = phases.chunked(
+            A.samples_file(r),
+            units,
+            lambda u: sample_id(u[0].problem_id, u[1]),
+            generate,
+            desc=f"{what} (iteration {store.iteration})",
         )
-        if plan.fell_back:
-            logger.warning(
-                "No problem was eligible for re-sampling under allocation=%r (e.g. no boundary problem): the "
-                "remaining budget is spread evenly over all %d problems.",
-                settings.allocation,
-                n,
+        if rows is None:  # the other processes read the samples, complete since the sampling phase ended
+            rows = [] if store.has(A.scored_file(r)) else store.read_jsonl(A.samples_file(r))
+        found = [Sample.from_row(row) for row in rows]
+        scored = phases.chunked(
+            A.scored_file(r),
+            found,
+            lambda s: s.sample_id,
+            lambda chunk, _: [s.to_row() for s in _score(chunk, by_id, score_fn)],
+            desc=f"scoring {what} (iteration {store.iteration})",
+        )
+        return None if scored is None else [Sample.from_row(row) for row in scored]
+
+    # Round 0 pre-samples every problem; each later round takes its slice of the remainder after a new plan.
+    samples: list[Sample] = []  # on the main process
+    slots = {p.problem_id: 0 for p in problems}
+    counts = {p.problem_id: n_p for p in problems}
+    plan: list[ProblemStats] = []
+    for r in range(settings.resample_rounds + 1):
+        if r > 0:
+            slice_ = remaining // (settings.resample_rounds - r + 1)
+            rows = phases.main(
+                A.plan_file(r),
+                lambda r=r, slice_=slice_, so_far=samples: [
+                    s.to_row() for s in _plan(problems, so_far, slice_, r, settings, n_p)
+                ],
             )
-        return [
-            {"problem_id": p.id, "resamples": r, "fell_back": plan.fell_back, **d.to_dict()}
-            for p, d, r in zip(problems, difficulties, plan.resamples)
-        ]
-
-    level_rows = run.main_phase(A.LEVELS, estimate)
-    difficulties = {r["problem_id"]: Difficulty.from_dict(r) for r in level_rows}
-    resamples = {r["problem_id"]: int(r["resamples"]) for r in level_rows}
-    events.levels_estimated(difficulties, resamples)
-
-    # 4. re-sampling
-    re_units = [(p, n_p + j) for p in problems for j in range(resamples[p.id])]
-    more = sample_phase(A.RESAMPLES, re_units, "re", f"re-sampling (iteration {store.iteration})")
-    re_scores = score_phase(
-        A.RESAMPLE_SCORES, more, A.RESAMPLES, f"scoring re-samples (iteration {store.iteration})"
-    )
+            plan = [ProblemStats.from_row(row) for row in rows]
+            counts = {s.problem_id: s.next_samples for s in plan}
+            remaining -= sum(counts.values())
+            events.levels_estimated({s.problem_id: s.difficulty for s in plan}, counts)
+        units = [(p, slots[p.problem_id] + j) for p in problems for j in range(counts[p.problem_id])]
+        found = sample_round(r, units)
+        samples += found or []
+        for pid, c in counts.items():
+            slots[pid] += c
     gen_stats = coll.gather([_delta(gen_before, sampler.stats)])
+    difficulties = {s.problem_id: s.difficulty for s in plan}
+    resamples = {pid: n - n_p for pid, n in slots.items()}
 
-    # 5. selection and statistics, on the main process
+    # The training rows, from the problems at the levels of the last plan, on the main process.
     def select() -> list[dict]:
-        score_of = {s["sample_id"]: s["score"] for s in pre_scores + re_scores}
         pooled = [
             ScoredSample(
-                problem_id=s["problem_id"],
-                prompt=by_id[s["problem_id"]].prompt,
-                completion=_completion_for(by_id[s["problem_id"]], s["completion"]),
-                correct=bool(s["correct"]),
-                score=score_of[s["sample_id"]],
-                sample_id=s["sample_id"],
+                problem_id=s.problem_id,
+                prompt=by_id[s.problem_id].prompt,
+                completion=by_id[s.problem_id].completion(s.completion),
+                correct=s.correct,
+                score=s.reward,
+                sample_id=s.sample_id,
             )
-            for s in presamples + more
+            for s in samples
         ]
         levels = {pid: d.level for pid, d in difficulties.items()}
         if settings.objective == "dpo":
@@ -505,26 +346,25 @@ def run_iteration(
             )
         return events.rows_selected(rows)
 
-    rows = run.main_phase(A.TRAIN_ROWS, select, share=False)
+    rows = phases.main(A.TRAIN_ROWS, select, share=False)
 
     stats = None
     if coll.is_main:
         stats = _stats(
             problems=problems,
-            samples=presamples + more,
-            scores=pre_scores + re_scores,
+            samples=samples,
             difficulties=difficulties,
             resamples=resamples,
             rows=rows,
             settings=settings,
             n_p=n_p,
-            fell_back=bool(level_rows and level_rows[0]["fell_back"]),
+            fell_back=any(s.fell_back for s in plan),
             generation=gen_stats,
         )
         stats["num_processes"] = coll.num_processes
-        stats["phases_computed"] = run.computed
-        stats["phase_seconds"] = {k: round(v, 3) for k, v in run.timings.items()}
-        stats["units"] = run.units
+        stats["phases_computed"] = phases.computed
+        stats["phase_seconds"] = {k: round(v, 3) for k, v in phases.timings.items()}
+        stats["units"] = phases.units
         stats["data_seconds"] = round(time.monotonic() - t0, 3)
     stats = coll.broadcast(stats)
     return IterationResult(rows=rows or [], stats=stats, difficulties=difficulties, resamples=resamples)
@@ -542,46 +382,46 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _stats(
-    *, problems, samples, scores, difficulties, resamples, rows, settings, n_p, fell_back, generation
-) -> dict:
+def _stats(*, problems, samples, difficulties, resamples, rows, settings, n_p, fell_back, generation) -> dict:
     n = len(problems)
     level_of = {pid: d.level.value for pid, d in difficulties.items()}
-    pre = [s for s in samples if s["phase"] == "pre"]
-    spent_per_level = Counter(level_of[s["problem_id"]] for s in samples)
+    pre = [s for s in samples if s.round == 0]
+    spent_per_level = Counter(level_of[s.problem_id] for s in samples)
     resampled_per_level = Counter()
     for pid, r in resamples.items():
         resampled_per_level[level_of[pid]] += r
-    score_of = {s["sample_id"]: s["score"] for s in scores}
     if settings.objective == "dpo":
-        kept_scores = [r["chosen_score"] for r in rows if r.get("chosen_score") is not None]
+        kept = [r["chosen_score"] for r in rows if r.get("chosen_score") is not None]
     else:
-        kept_scores = [r["score"] for r in rows if r.get("score") is not None]
-    all_scores = [v for v in score_of.values() if v is not None]
+        kept = [r["score"] for r in rows if r.get("score") is not None]
+    rewards = [s.reward for s in samples if s.reward is not None]
     generated = sum(g[0] for g in generation)
     gen_tokens = sum(g[1] for g in generation)
     gen_seconds = max((g[2] for g in generation), default=0.0)  # the processes generate side by side
     return {
         "num_problems": n,
         "levels": count_levels(difficulties.values()),
-        "presample_accuracy": _mean([float(s["correct"]) for s in pre]),
-        "sample_accuracy": _mean([float(s["correct"]) for s in samples]),
+        "presample_accuracy": _mean([float(s.correct) for s in pre]),
+        "sample_accuracy": _mean([float(s.correct) for s in samples]),
         "budget_planned": settings.budget * n,
         "budget_spent": len(samples),
         "presamples_spent": len(pre),
         "resamples_spent": len(samples) - len(pre),
+        "samples_per_round": [
+            sum(1 for s in samples if s.round == r) for r in range(settings.resample_rounds + 1)
+        ],
         "num_presamples": n_p,
         "samples_per_level": {lv.value: spent_per_level.get(lv.value, 0) for lv in Level},
         "resamples_per_level": {lv.value: resampled_per_level.get(lv.value, 0) for lv in Level},
         "allocation_fell_back": fell_back,
         "rows": len(rows),
         "problems_with_rows": len({r["problem_id"] for r in rows}),
-        "mean_score_kept": _mean(kept_scores),
-        "mean_score_all": _mean(all_scores),
-        "finish_reasons": dict(Counter(s["finish_reason"] for s in samples)),
-        "empty_completions": sum(1 for s in samples if not s["completion"].strip()),
-        "scores_missing": sum(1 for v in score_of.values() if v is None),
-        "completion_tokens": sum(int(s["num_tokens"]) for s in samples),
+        "mean_score_kept": _mean(kept),
+        "mean_score_all": _mean(rewards),
+        "finish_reasons": dict(Counter(s.finish_reason for s in samples)),
+        "empty_completions": sum(1 for s in samples if not s.completion.strip()),
+        "scores_missing": len(samples) - len(rewards),
+        "completion_tokens": sum(int(s.num_tokens) for s in samples),
         "generated_this_run": generated,
         "generated_per_process": [g[0] for g in generation],
         "tokens_per_second": gen_tokens / gen_seconds if gen_seconds > 0 else None,

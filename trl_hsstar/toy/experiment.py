@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import artifacts as A
 from ..callbacks import HSStarCallback
 from .problems import ArithmeticProblem, label_steps
 from .world import LEVELS, evaluate_levels, held_out_problems, level_of, level_problems
@@ -120,21 +121,18 @@ def _per_world_level(iteration_dir: Path) -> dict[str, Any]:
     """Level counts and samples spent per world level (``"6x1"``...), from the iteration's artifacts."""
     levels: dict[str, Counter] = {}
     spent: Counter = Counter()
-    for name in ("presamples.jsonl", "resamples.jsonl"):
-        with open(iteration_dir / name) as f:
-            for line in f:
-                row = json.loads(line)
-                spent[level_of(ArithmeticProblem.from_expression(row["problem_id"]))] += 1
+    store = A.IterationArtifacts(iteration_dir.parent, int(iteration_dir.name.split("-")[-1]))
+    for r in range(store.rounds()):
+        for row in store.read_jsonl(A.samples_file(r)):
+            spent[level_of(ArithmeticProblem.from_expression(row["problem_id"]))] += 1
     # rows (DPO: chosen answers) whose every step the step checker accepts: the rest reach the right answer
     # through a wrong step, which the reward model was meant to rank last
     rows_file = iteration_dir / "train_rows.jsonl"
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
     clean = sum(all(label_steps(r["problem_id"], r.get("completion", r.get("chosen")))) for r in rows)
-    with open(iteration_dir / "levels.jsonl") as f:
-        for line in f:
-            row = json.loads(line)
-            world = level_of(ArithmeticProblem.from_expression(row["problem_id"]))
-            levels.setdefault(world, Counter())[row["level"]] += 1
+    for row in store.read_jsonl(A.plan_file(store.rounds() - 1)):
+        world = level_of(ArithmeticProblem.from_expression(row["problem_id"]))
+        levels.setdefault(world, Counter())[row["level"]] += 1
     return {
         "levels_by_world_level": {w: dict(c) for w, c in sorted(levels.items())},
         "samples_by_world_level": dict(sorted(spent.items())),

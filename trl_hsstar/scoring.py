@@ -1,0 +1,192 @@
+"""The run's reward: the reward sources of ``reward_funcs`` loaded once, combined, checked, and the thresholds.
+
+What a user passes (a process or outcome reward model, its Hub id or path, TRL-style reward functions, with
+weights) becomes one ``score_fn(prompts, completions, **columns) -> list[float | None]``. A NaN counts as "cannot
+score" (None) so that one strange completion does not stop a run hours in; the source is called once on a real
+problem before any sampling so that a wrong output fails at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+
+from .difficulty import lookup_thresholds, validate_thresholds
+from .rewards import as_reward_source, check_rewards, combine_rewards
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RunRewards", "load_reward_model", "model_name"]
+
+
+def model_name(obj) -> str | None:
+    """A model's id or path: the string itself, or ``config._name_or_path`` of a model instance."""
+    if isinstance(obj, str):
+        return obj
+    config = getattr(obj, "config", None)
+    return getattr(config, "_name_or_path", None) or None
+
+
+class RunRewards:
+    """The reward sources of one run: checked at construction, loaded on the first iteration that needs them."""
+
+    def __init__(self, reward_funcs, processing_classes, weights: Sequence[float] | None, args):
+        funcs = (
+            []
+            if reward_funcs is None
+            else list(reward_funcs)
+            if isinstance(reward_funcs, (list, tuple))
+            else [reward_funcs]
+        )
+        if weights is not None and len(weights) != len(funcs):
+            raise ValueError(
+                f"`reward_weights` has {len(weights)} entries for {len(funcs)} reward functions: give one weight "
+                "per reward function."
+            )
+        if not isinstance(processing_classes, (list, tuple)):
+            processing_classes = [processing_classes] * len(funcs)
+        self.specs = list(zip(funcs, processing_classes))
+        self.weights = list(weights) if weights is not None else None
+        self.args = args
+        self.thresholds = self._thresholds(funcs)
+
+    def _thresholds(self, funcs) -> tuple[float, float] | None:
+        args = self.args
+        if args.difficulty_estimator == "accuracy":
+            return None
+        if not funcs:
+            raise ValueError(
+                f"`difficulty_estimator={args.difficulty_estimator!r}` needs a reward source: pass `reward_funcs` (a "
+                "process reward model, its path, or a reward function), or set `difficulty_estimator='accuracy'`."
+            )
+        if args.reward_thresholds is not None:
+            return validate_thresholds(args.reward_thresholds)
+        names = [model_name(f) for f in funcs]
+        found = [lookup_thresholds(n) for n in names if n]
+        if not found or found[0] is None:
+            raise ValueError(
+                "`reward_thresholds` (tau_l, tau_h) is required: no thresholds are published for the reward "
+                f"source {names[0] or funcs[0]!r}. Published pairs exist only for Skywork-o1-Open-PRM-Qwen-2.5-"
+                "7B/1.5B and Qwen2.5-Math-PRM-7B; choose thresholds on a held-out pre-sample."
+            )
+        return found[0]
+
+    def score_fn(self, device) -> Callable | None:
+        """The combined score function, its sources loaded onto ``device`` (``None`` without reward sources)."""
+        if not self.specs:
+            return None
+        sources = []
+        for i, (func, processing_class) in enumerate(self.specs):
+            try:
+                if isinstance(func, str):
+                    sources.append(load_reward_model(func, self.args, device))
+                else:
+                    sources.append(
+                        as_reward_source(
+                            func,
+                            tokenizer=processing_class,
+                            aggregation=self.args.reward_aggregation,
+                            batch_size=self.args.reward_batch_size,
+                            step_token=self.args.reward_step_token,
+                        )
+                    )
+            except ValueError as error:
+                raise ValueError(
+                    f"`reward_funcs[{i}]` ({model_name(func) or type(func).__name__}) cannot be used: {error}. For a "
+                    "process reward model, set `reward_step_token` to the separator it was trained with."
+                ) from error
+        combined = (
+            sources[0]
+            if len(sources) == 1 and self.weights is None
+            else combine_rewards(sources, self.weights)
+        )
+        name = getattr(combined, "name", None) or getattr(combined, "__name__", "reward")
+
+        def score_fn(prompts, completions, **columns):
+            values = combined(prompts, completions, **columns)
+            if isinstance(values, (list, tuple)):
+                # NaN (e.g. an overflow on a strange completion) counts as "cannot score", like None: one bad
+                # completion must not stop a run hours in. Counted in the iteration's `scores_missing`.
+                nan = [i for i, v in enumerate(values) if isinstance(v, float) and math.isnan(v)]
+                if nan:
+                    logger.warning(
+                        "reward source %r returned NaN for %d of %d completions: they count as unscored (None).",
+                        name,
+                        len(nan),
+                        len(values),
+                    )
+                    values = [None if i in set(nan) else v for i, v in enumerate(values)]
+            return check_rewards(values, len(completions), name)
+
+        return score_fn
+
+    @staticmethod
+    def probe(score_fn, problem: dict) -> None:
+        """Call the reward source once on two tiny completions of a real problem, so that a reward function with
+        the wrong output (length, type) fails here, before any sampling, and not hours into a run."""
+        texts = [f"The answer is \\boxed{{{problem['answer']}}}.", ""]
+        completions = (
+            texts
+            if isinstance(problem["prompt"], str)
+            else [[{"role": "assistant", "content": t}] for t in texts]
+        )
+        columns = {k: [v] * 2 for k, v in problem["columns"].items()}
+        columns.setdefault("answer", [problem["answer"]] * 2)
+        try:
+            score_fn([problem["prompt"]] * 2, completions, **columns)
+        except Exception as error:
+            raise ValueError(
+                f"The reward source failed its check on problem {problem['problem_id']!r} before sampling: {error}. "
+                "Fix the reward function (`reward_funcs`): it must return one float (or None) per completion."
+            ) from error
+
+
+def load_reward_model(name: str, args, device):
+    """Load a reward model from the Hub or a directory (a PRM, Qwen2.5-Math-PRM style or Math-Shepherd layout, or
+    an ORM) with the Auto class its config names; :func:`~trl_hsstar.rewards.as_reward_source` wraps it.
+
+    Safe by default, like the policy in the recipes: ``trust_remote_code`` is the user's
+    (``args.model_init_kwargs["trust_remote_code"]``, else ``args.trust_remote_code``, else ``False``), and only
+    safetensors weights are loaded (``use_safetensors=True``) unless ``args.model_init_kwargs`` sets
+    ``use_safetensors``: a checkpoint holding only pickle-based ``pytorch_model.bin`` files is refused with an
+    ``OSError`` that says how to opt in.
+    """
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+        AutoTokenizer,
+    )
+
+    user = getattr(args, "model_init_kwargs", None)
+    user = user if isinstance(user, dict) else {}
+    trust_remote_code = bool(user.get("trust_remote_code", getattr(args, "trust_remote_code", False)))
+    trust = {"trust_remote_code": trust_remote_code}
+    use_safetensors = user.get("use_safetensors", True)
+    archs = " ".join(AutoConfig.from_pretrained(name, **trust).architectures or [])
+    if "ProcessRewardModel" in archs:  # custom code, loaded through AutoModel
+        auto = AutoModel
+    elif "TokenClassification" in archs:
+        auto = AutoModelForTokenClassification
+    else:
+        auto = AutoModelForSequenceClassification
+    try:
+        model = auto.from_pretrained(name, use_safetensors=use_safetensors, **trust)
+    except OSError as e:
+        if use_safetensors and "safetensors" in str(e):
+            raise OSError(
+                f"reward model {name!r} has no safetensors weights (model.safetensors). trl-hsstar loads only "
+                "safetensors by default, because pickle-based checkpoints (pytorch_model.bin) can run code when "
+                "loaded. Convert it to safetensors, or, if you trust its source, set "
+                "`model_init_kwargs={'use_safetensors': False}`."
+            ) from e
+        raise
+    return as_reward_source(
+        model.to(device),
+        tokenizer=AutoTokenizer.from_pretrained(name, **trust),
+        aggregation=args.reward_aggregation,
+        batch_size=args.reward_batch_size,
+        step_token=args.reward_step_token,
+    )
