@@ -74,7 +74,14 @@ class CountingSampler(TransformersSampler):
 
 def check_iteration(output_dir, t, answers, objective):
     store = A.IterationArtifacts(output_dir, t)
-    phases = [A.PROBLEMS, A.samples_file(0), A.scored_file(0), A.plan_file(1), A.samples_file(1), A.scored_file(1)]
+    phases = [
+        A.PROBLEMS,
+        A.samples_file(0),
+        A.scored_file(0),
+        A.plan_file(1),
+        A.samples_file(1),
+        A.scored_file(1),
+    ]
     for name in [*phases, A.TRAIN_ROWS, A.STATS, A.MODEL, A.DONE]:
         assert store.has(name), f"iteration-{t} lacks {name}"
     assert store.completed_phases() == [*phases, A.TRAIN_ROWS, A.STATS, A.MODEL, A.DONE]
