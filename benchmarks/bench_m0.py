@@ -18,6 +18,7 @@ probe: 300 steps of the same 600-step schedule, where the shipped rule stops on 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -26,6 +27,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+from weights import add_weight_noise
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -43,6 +46,23 @@ PATHS = {  # name: (torch threads, perturb)
     "1 thread": (1, 0.0),
     "2 threads, nudged 1e-6": (2, 1e-6),
 }
+
+
+@contextlib.contextmanager
+def nudged_init(scale: float):
+    """Multiply every initial weight of the reasoner by ``1 + scale * N(0, 1)`` (a fixed draw): with ``1e-6`` it
+    stands in for another CPU's floating-point path, to measure how much the result depends on that path."""
+    from trl_hsstar.toy import model as toy_model
+
+    original = toy_model.build_tiny_model
+    if scale:
+        toy_model.build_tiny_model = lambda *a, **k: add_weight_noise(
+            original(*a, **k), scale, seed=12345, relative=True
+        )
+    try:
+        yield
+    finally:
+        toy_model.build_tiny_model = original
 
 
 def main(argv=None) -> int:
@@ -72,7 +92,8 @@ def main(argv=None) -> int:
             torch.set_num_threads(threads)
             settings = {**REASONER_PRESETS["m0"], **RULES[rule]}
             start = time.monotonic()
-            model, tokenizer, build = build_reasoner(settings, perturb=perturb)
+            with nudged_init(perturb):
+                model, tokenizer, build = build_reasoner(settings)
             model.eval()
             table = evaluate_levels(model, tokenizer, held_out)
             rows.append(

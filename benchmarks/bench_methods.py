@@ -28,6 +28,7 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from trl_hsstar.toy.experiment import DPO_LEARNING_RATE, SFT_LEARNING_RATE
@@ -384,6 +385,35 @@ def write_report(path: Path, section: str, name: str = "", *, marks: tuple[str, 
     path.write_text(text)
 
 
+def plot_methods(
+    curves: Mapping[str, Sequence[Sequence[float]]], path: str | Path, *, title: str
+) -> Path | None:
+    """Held-out accuracy per iteration for several methods: ``curves[method]`` is one list per seed (M_0
+    first); draws the mean with the min-max band across seeds."""
+    from trl_hsstar.toy.report import _pyplot
+
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, runs in curves.items():
+        xs = list(range(len(runs[0])))
+        mean = [sum(r[i] for r in runs) / len(runs) for i in xs]
+        ax.plot(xs, mean, marker="o", label=method)
+        ax.fill_between(
+            xs, [min(r[i] for r in runs) for i in xs], [max(r[i] for r in runs) for i in xs], alpha=0.15
+        )
+    ax.set_xticks(xs, ["M_0", *(str(i) for i in xs[1:])])
+    ax.set_xlabel("after iteration")
+    ax.set_ylabel("held-out greedy accuracy (all levels)")
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
 def _worker(threads: int) -> None:
     """A worker process: its share of the torch threads, and (on Linux) it ends when the benchmark's process
     does, killed or not, instead of finishing its run unwatched."""
@@ -475,7 +505,6 @@ def main(argv=None) -> int:
     import torch
 
     from trl_hsstar.toy.experiment import held_out_problems
-    from trl_hsstar.toy.report import plot_methods
     from trl_hsstar.toy.world import LEVELS, cpu_name, evaluate_levels, toy_prm_path, toy_reasoner_path
 
     if args.quick:

@@ -33,11 +33,12 @@ import torch
 import transformers
 from bench_sampling import cpu_model, write_section
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from weights import perturbed_copy
 
 from trl_hsstar.sampling import SamplingParams, TransformersSampler, VLLMSampler
 from trl_hsstar.sampling.vllm_sampler import vllm_env, vllm_request
 from trl_hsstar.sampling.vllm_server import VLLMServerSampler, launch_vllm_server
-from trl_hsstar.toy import generate_problems, perturbed_copy
+from trl_hsstar.toy import generate_problems
 from trl_hsstar.toy.world import toy_reasoner_path
 
 START, END = "<!-- bench_vllm:start -->", "<!-- bench_vllm:end -->"

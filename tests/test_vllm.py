@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +21,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl_hsstar import artifacts as A
 from trl_hsstar.config import HSStarConfig
 from trl_hsstar.sampling import SamplingParams, TransformersSampler
-from trl_hsstar.toy import generate_problems, perturbed_copy, problems_to_dataset_dict
+from trl_hsstar.toy import generate_problems, problems_to_dataset_dict
 from trl_hsstar.toy.oracle import OracleStepReward
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from weights import perturbed_copy
 
 PROMPTS = [f"Q: {q}\nA: " for q in ("1+2", "3+4+5", "9+8+7+6", "2+2+2+2+2", "5+1", "7+3+9")]
 # float32 as the transformers side; no compilation (each cold start would spend about 50 s compiling here)

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig, SFTConfig
 
-from .budget import STRATEGIES
+from .budget import STRATEGIES, presamples_for
 from .difficulty import ESTIMATORS, validate_thresholds
 from .rewards import AGGREGATIONS
+from .sampling.base import SamplingParams
 
 __all__ = ["HSStarArguments", "HSStarConfig", "HSStarDPOConfig"]
 
@@ -295,22 +296,9 @@ class HSStarArguments:
             positive_int(name)
         positive_int("problems_per_iteration", allow_none=True)
         positive_int("max_rows_per_problem", allow_none=True)
-        if (
-            isinstance(self.num_presamples, bool)
-            or not isinstance(self.num_presamples, int)
-            or self.num_presamples < 0
-        ):
-            raise ValueError(f"`num_presamples` must be a non-negative integer, got {self.num_presamples!r}.")
-        if self.num_presamples > self.sampling_budget:
-            raise ValueError(
-                f"`num_presamples` ({self.num_presamples}) exceeds `sampling_budget` ({self.sampling_budget}): "
-                "pre-sampling cannot spend more than the whole budget. Lower `num_presamples` or raise "
-                "`sampling_budget`."
-            )
-        if not self.temperature >= 0:
-            raise ValueError(f"`temperature` must be >= 0 (0 is greedy), got {self.temperature!r}.")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"`top_p` must be in (0, 1], got {self.top_p!r}.")
+        # the budget and the sampling settings are checked by the functions that own them, with the same messages
+        presamples_for(self.allocation, self.sampling_budget, self.num_presamples)
+        SamplingParams(temperature=self.temperature, top_p=self.top_p)
         if not self.verifier_timeout > 0:
             raise ValueError(f"`verifier_timeout` must be positive, got {self.verifier_timeout!r}.")
         if self.difficulty_estimator not in ESTIMATORS:
@@ -321,8 +309,6 @@ class HSStarArguments:
             raise ValueError(
                 f"`reward_aggregation` must be one of {AGGREGATIONS}, got {self.reward_aggregation!r}."
             )
-        if self.allocation not in STRATEGIES:
-            raise ValueError(f"`allocation` must be one of {STRATEGIES}, got {self.allocation!r}.")
         if self.reward_thresholds is not None:
             self.reward_thresholds = list(validate_thresholds(self.reward_thresholds))
         levels = ("easy", "boundary", "hard")

@@ -12,7 +12,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 
-from .difficulty import lookup_thresholds, validate_thresholds
+from .difficulty import lookup_thresholds
 from .rewards import as_reward_source, check_rewards, combine_rewards
 
 logger = logging.getLogger(__name__)
@@ -60,8 +60,8 @@ class RunRewards:
                 f"`difficulty_estimator={args.difficulty_estimator!r}` needs a reward source: pass `reward_funcs` (a "
                 "process reward model, its path, or a reward function), or set `difficulty_estimator='accuracy'`."
             )
-        if args.reward_thresholds is not None:
-            return validate_thresholds(args.reward_thresholds)
+        if args.reward_thresholds is not None:  # checked by the config
+            return tuple(args.reward_thresholds)
         names = [model_name(f) for f in funcs]
         found = [lookup_thresholds(n) for n in names if n]
         if not found or found[0] is None:

@@ -22,7 +22,7 @@ from trl_hsstar.toy.problems import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from trl_hsstar.toy.model import build_tiny_model, perturbed_copy, tiny_llama_config
+    from trl_hsstar.toy.model import build_tiny_model, tiny_llama_config
     from trl_hsstar.toy.tokenizer import STEP_TOKEN, build_char_tokenizer
 
 _LAZY = {
@@ -30,7 +30,6 @@ _LAZY = {
     "STEP_TOKEN": "trl_hsstar.toy.tokenizer",
     "build_tiny_model": "trl_hsstar.toy.model",
     "tiny_llama_config": "trl_hsstar.toy.model",
-    "perturbed_copy": "trl_hsstar.toy.model",
 }
 
 __all__ = [
@@ -43,7 +42,6 @@ __all__ = [
     "generate_problems",
     "is_rationale_correct",
     "label_steps",
-    "perturbed_copy",
     "problems_to_dataset_dict",
     "split_steps",
     "tiny_llama_config",

@@ -1,19 +1,19 @@
-"""Tables and plots of runs on the embedded world (what ``hsstar demo`` and ``hsstar bench`` print and draw).
+"""Tables and plots of a run on the embedded world (what ``hsstar demo`` prints and draws).
 
 The tables are plain text / Markdown. The plots need matplotlib (in the ``dev`` and ``demo`` extras); without it
-:func:`plot_run` and :func:`plot_methods` return ``None`` and say so once.
+:func:`plot_run` returns ``None`` and says so once.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from .world import LEVELS
 
-__all__ = ["iteration_table", "plot_methods", "plot_run"]
+__all__ = ["iteration_table", "plot_run"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,30 +104,3 @@ def plot_run(result: Mapping[str, Any], output_dir: str | Path) -> list[Path] | 
     fig.savefig(accuracy_png, dpi=100)
     plt.close(fig)
     return [levels_png, accuracy_png]
-
-
-def plot_methods(
-    curves: Mapping[str, Sequence[Sequence[float]]], path: str | Path, *, title: str
-) -> Path | None:
-    """Held-out accuracy per iteration for several methods: ``curves[method]`` is one list per seed (M_0
-    first); draws the mean with the min-max band across seeds."""
-    plt = _pyplot()
-    if plt is None:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, runs in curves.items():
-        xs = list(range(len(runs[0])))
-        mean = [sum(r[i] for r in runs) / len(runs) for i in xs]
-        ax.plot(xs, mean, marker="o", label=method)
-        ax.fill_between(
-            xs, [min(r[i] for r in runs) for i in xs], [max(r[i] for r in runs) for i in xs], alpha=0.15
-        )
-    ax.set_xticks(xs, ["M_0", *(str(i) for i in xs[1:])])
-    ax.set_xlabel("after iteration")
-    ax.set_ylabel("held-out greedy accuracy (all levels)")
-    ax.set_title(title)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)

@@ -157,29 +157,22 @@ def _accuracy_reached(settings: dict, tokenizer, model):
     return stop
 
 
-def build_reasoner(settings: dict, *, perturb: float = 0.0, progress: bool = False):
+def build_reasoner(settings: dict, *, progress: bool = False):
     """Train a reasoner from the full ``settings`` of a preset; returns ``(model, tokenizer, build)``, ``build``
-    saying how many steps it trained and how long it took, on which CPU and torch threads.
-
-    ``perturb`` multiplies every initial weight by ``1 + perturb * N(0, 1)`` (a fixed draw): with ``1e-6`` it
-    stands in for another CPU's floating-point path, to measure how much the result depends on that path
-    (``benchmarks/bench_m0.py``). :func:`toy_reasoner_path` builds with ``0``.
-    """
+    saying how many steps it trained and how long it took, on which CPU and torch threads."""
     import time
 
     import torch
 
-    from .model import add_weight_noise, build_tiny_model
+    from . import model as toy_model
     from .tokenizer import build_char_tokenizer
     from .train import pretrain_reasoner
 
     tokenizer = build_char_tokenizer()
     arch = {k: settings[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim")}
-    model = build_tiny_model(
+    model = toy_model.build_tiny_model(
         tokenizer, intermediate_size=settings["intermediate_size"], seed=settings["seed"], **arch
     )
-    if perturb:
-        add_weight_noise(model, perturb, seed=12345, relative=True)
     started = time.monotonic()
     losses = pretrain_reasoner(  # seeds its own forked RNG
         model,
