@@ -176,3 +176,20 @@ def test_empty_problem_list():
 def test_bad_arguments_name_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
         allocate([diff("boundary")], **kwargs)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_slice_of_the_remainder_is_handed_out_exactly(strategy):
+    """``remaining``: one round's slice, for the rounds loop; every strategy spends exactly that much."""
+    levels = ["easy", "boundary", "hard", "boundary", "boundary"]
+    ds = [
+        Difficulty(Level(lv), 0.5 if lv == "boundary" else float(lv == "easy"), None, 3, 0, 0)
+        for lv in levels
+    ]
+    for remaining in (0, 1, 7, 25):
+        plan = allocate(ds, strategy=strategy, budget=8, num_presamples=3, remaining=remaining)
+        assert sum(plan.resamples) == remaining
+    whole = allocate(ds, strategy=strategy, budget=8, num_presamples=3, seed=4)
+    assert allocate(ds, strategy=strategy, budget=8, num_presamples=3, seed=4, remaining=25) == whole
+    with pytest.raises(ValueError, match="`remaining` must be an integer between 0 and"):
+        allocate(ds, strategy=strategy, budget=8, num_presamples=3, remaining=26)

@@ -114,14 +114,7 @@ def check_iteration(output_dir, t, answers, objective):
     assert stats["budget_spent"] == stats["budget_planned"] == B * N
     assert stats["rows"] == len(rows)
     # every file reloads: JSON Lines through datasets, the model through transformers
-    for name in (
-        A.PROBLEMS,
-        A.samples_file(0),
-        A.scored_file(0),
-        A.plan_file(1),
-        A.samples_file(1),
-        A.scored_file(1),
-    ):
+    for name in phases:
         assert len(load_dataset("json", data_files=str(store.path(name)), split="train")) > 0
     if rows:
         assert len(load_dataset("json", data_files=str(store.path(A.TRAIN_ROWS)), split="train")) == len(rows)

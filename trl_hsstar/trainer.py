@@ -162,9 +162,8 @@ class _HSStarBase(Trainer):
             processing_class = AutoTokenizer.from_pretrained(model_name(model), trust_remote_code=trust)
         super().__init__(model=model, args=args, processing_class=processing_class, callbacks=callbacks)
         self.user_callbacks = list(callbacks or [])
-        self.trl_kwargs = (
-            trl_kwargs  # passed on to each iteration's TRL trainer (data_collator, formatting_func...)
-        )
+        # passed on to each iteration's TRL trainer (data_collator, formatting_func, ...)
+        self.trl_kwargs = trl_kwargs
         self.generation = Generation(args, self.accelerator, processing_class, sampler)
         self.hsstar_control = TrainerControl()
         self.iteration_stats: list[dict] = []
