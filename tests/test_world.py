@@ -57,7 +57,7 @@ def test_m0_builder_is_deterministic(tmp_path, monkeypatch):
     assert toy_reasoner_path(tmp_path / "a", preset="m0", **TINY_M0) == a
 
 
-def test_build_reasoner_is_the_builder_and_perturb_nudges_the_start(tmp_path, monkeypatch):
+def test_build_reasoner_is_the_builder_and_the_studys_nudge_moves_the_start(tmp_path, monkeypatch):
     monkeypatch.delenv("TRL_HSSTAR_WORLD_SEED", raising=False)  # compares with the preset's own seed
     from trl_hsstar.toy.world import build_reasoner
 
@@ -69,7 +69,11 @@ def test_build_reasoner_is_the_builder_and_perturb_nudges_the_start(tmp_path, mo
     assert (
         json.loads((next(tmp_path.glob("toy-reasoner-*")) / "build.json").read_text())["steps_trained"] == 6
     )
-    nudged, _, _ = build_reasoner(settings, perturb=1e-6)
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from bench_m0 import nudged_init  # the CPU-path study's nudge (benchmarks/bench_m0.py)
+
+    with nudged_init(1e-6):
+        nudged, _, _ = build_reasoner(settings)
     diffs = [(nudged.state_dict()[k] - cached[k]).abs().max().item() for k in cached]
     assert 0 < max(diffs) < 0.5  # another start, close to the first
 

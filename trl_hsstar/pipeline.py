@@ -316,37 +316,11 @@ def run_iteration(
     resamples = {pid: n - n_p for pid, n in slots.items()}
 
     # The training rows, from the problems at the levels of the last plan, on the main process.
-    def select() -> list[dict]:
-        pooled = [
-            ScoredSample(
-                problem_id=s.problem_id,
-                prompt=by_id[s.problem_id].prompt,
-                completion=by_id[s.problem_id].completion(s.completion),
-                correct=s.correct,
-                score=s.reward,
-                sample_id=s.sample_id,
-            )
-            for s in samples
-        ]
-        levels = {pid: d.level for pid, d in difficulties.items()}
-        if settings.objective == "dpo":
-            rows = select_dpo_pairs(
-                pooled,
-                levels,
-                train_levels=settings.train_levels,
-                seed=settings.seed,
-                max_pairs_per_problem=settings.max_rows_per_problem,
-            )
-        else:
-            rows = select_sft_rows(
-                pooled,
-                levels,
-                train_levels=settings.train_levels,
-                max_rows_per_problem=settings.max_rows_per_problem,
-            )
-        return events.rows_selected(rows)
-
-    rows = phases.main(A.TRAIN_ROWS, select, share=False)
+    rows = phases.main(
+        A.TRAIN_ROWS,
+        lambda: events.rows_selected(_select(samples, by_id, difficulties, settings)),
+        share=False,
+    )
 
     stats = None
     if coll.is_main:
@@ -368,6 +342,35 @@ def run_iteration(
         stats["data_seconds"] = round(time.monotonic() - t0, 3)
     stats = coll.broadcast(stats)
     return IterationResult(rows=rows or [], stats=stats, difficulties=difficulties, resamples=resamples)
+
+
+def _select(
+    samples: list[Sample], problems: dict[str, Problem], difficulties: dict[str, Difficulty], settings
+) -> list[dict]:
+    """SFT rows or DPO pairs from all samples of the problems whose level is in ``settings.train_levels``."""
+    pooled = [
+        ScoredSample(
+            problem_id=s.problem_id,
+            prompt=problems[s.problem_id].prompt,
+            completion=problems[s.problem_id].completion(s.completion),
+            correct=s.correct,
+            score=s.reward,
+            sample_id=s.sample_id,
+        )
+        for s in samples
+    ]
+    levels = {pid: d.level for pid, d in difficulties.items()}
+    if settings.objective == "dpo":
+        return select_dpo_pairs(
+            pooled,
+            levels,
+            train_levels=settings.train_levels,
+            seed=settings.seed,
+            max_pairs_per_problem=settings.max_rows_per_problem,
+        )
+    return select_sft_rows(
+        pooled, levels, train_levels=settings.train_levels, max_rows_per_problem=settings.max_rows_per_problem
+    )
 
 
 def _delta(before: SamplingStats, after: SamplingStats) -> tuple[int, int, float]:
