@@ -6,6 +6,9 @@
 ``hsstar vllm-serve --model PATH [--python P] [--host 127.0.0.1] [--port 8000] [vllm serve arguments ...]``
     Start a vLLM server that the loop can reload in place each iteration (``vllm_mode: server``): the dev
     endpoints on, trl-hsstar's worker extension loaded, bound to loopback unless told otherwise.
+``hsstar eval --model M --dataset D [--k 8 --limit N --group-by COLUMN ...]``
+    Greedy accuracy, avg@k, unbiased pass@k and maj@k of a model (a directory, Hub id or .gguf file, plus an
+    optional LoRA adapter) on any datasets-loadable problem set; ``eval_rows.jsonl`` and ``eval_summary.json``.
 ``hsstar world [--num-problems 3 ...]``
     Print problems of the embedded arithmetic world with their reference rationale, other valid paths and labels.
 ``hsstar world build [--seed 0] [--output-dir DIR] [--only tiny m0 prm]``
@@ -89,6 +92,13 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluation import main as evaluate
+
+    evaluate(args)
+    return 0
+
+
 def _vllm_serve(args: argparse.Namespace) -> int:
     import time
 
@@ -150,6 +160,14 @@ def make_parser() -> argparse.ArgumentParser:
     )
     bench_parser.add_argument("bench_args", nargs=argparse.REMAINDER, help="see hsstar bench --help")
     bench_parser.set_defaults(func=_bench)
+    from . import evaluation
+
+    eval_parser = sub.add_parser(
+        "eval",
+        help="greedy accuracy, avg@k, pass@k and maj@k of a model on a problem set (e.g. GSM8K's test split)",
+    )
+    evaluation.make_parser(eval_parser)
+    eval_parser.set_defaults(func=_eval)
     serve = sub.add_parser(
         "vllm-serve",
         help="start a vLLM server the loop reloads each iteration (vllm_mode: server)",

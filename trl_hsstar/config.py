@@ -109,6 +109,10 @@ class HSStarArguments:
             Sequences per forward pass of a reward model.
         verifier_timeout (`float`, *optional*, defaults to `5.0`):
             Seconds one answer check may take before it counts as wrong.
+        last_number_fallback (`bool` or `None`, *optional*, defaults to `None`):
+            For the default verifier: without a `\boxed{}` or a GSM8K `#### n` line, the last number of a completion
+            is its answer. `None` turns it on when the problems' prompts are chat messages (an instruct model answers
+            "7 + 5 = 12") and off for plain-text prompts (a model trained to box its answer).
 
         resample_levels (`list[str]`, *optional*, defaults to `["boundary"]`):
             With `allocation="hsstar"`, the levels whose problems receive the re-sampling budget. `["easy"]` or
@@ -220,6 +224,13 @@ class HSStarArguments:
     reward_batch_size: int = field(default=16, metadata={"help": "Sequences per reward-model forward pass."})
     verifier_timeout: float = field(
         default=5.0, metadata={"help": "Seconds per answer check before it counts as wrong."}
+    )
+    last_number_fallback: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Default verifier: without \\boxed{} or '#### n', a completion's last number is its answer. "
+            "Unset: on for chat prompts (instruct models answer in free text), off for text prompts."
+        },
     )
     # training data
     max_rows_per_problem: int | None = field(

@@ -325,6 +325,7 @@ def run_iteration(
     stats = None
     if coll.is_main:
         stats = _stats(
+            verifier=verifier,
             problems=problems,
             samples=samples,
             difficulties=difficulties,
@@ -385,8 +386,38 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _stats(*, problems, samples, difficulties, resamples, rows, settings, n_p, fell_back, generation) -> dict:
+def _no_answer_warnings(
+    samples: list[Sample], verifier, settings: PipelineSettings
+) -> tuple[int | None, list[str]]:
+    """How many completions hold no answer the verifier can read, and what to say when most are like that (or cut
+    at the length limit): a run whose every sample counts as wrong must not pass in silence."""
+    extract = getattr(verifier, "extract", None)  # a custom verifier without one: not counted
+    no_answer = None if extract is None else sum(1 for s in samples if extract(s.completion) is None)
+    truncated = sum(1 for s in samples if s.finish_reason == "length")
+    warnings = []
+    if no_answer is not None and samples and no_answer > len(samples) / 2:
+        warnings.append(
+            f"{no_answer} of {len(samples)} completions ({no_answer / len(samples):.0%}) hold no answer the verifier "
+            "can read (no \\boxed{...} or '#### n'), so they count as wrong and their problems look hard. Fixes: ask "
+            "for the final answer in \\boxed{} (a system prompt: `system_prompt` in a recipe), set "
+            "`last_number_fallback=True` (a completion's last number is its answer), or pass a `verifier` that reads "
+            "your model's answers."
+        )
+    if samples and truncated > len(samples) / 2:
+        warnings.append(
+            f"{truncated} of {len(samples)} completions ({truncated / len(samples):.0%}) were cut at "
+            f"`max_completion_length`={settings.sampling.max_new_tokens} tokens before they ended: raise it."
+        )
+    for warning in warnings:
+        logger.warning(warning)
+    return no_answer, warnings
+
+
+def _stats(
+    *, verifier, problems, samples, difficulties, resamples, rows, settings, n_p, fell_back, generation
+) -> dict:
     n = len(problems)
+    no_answer, warnings = _no_answer_warnings(samples, verifier, settings)
     level_of = {pid: d.level.value for pid, d in difficulties.items()}
     pre = [s for s in samples if s.round == 0]
     spent_per_level = Counter(level_of[s.problem_id] for s in samples)
@@ -423,6 +454,9 @@ def _stats(*, problems, samples, difficulties, resamples, rows, settings, n_p, f
         "mean_score_all": _mean(rewards),
         "finish_reasons": dict(Counter(s.finish_reason for s in samples)),
         "empty_completions": sum(1 for s in samples if not s.completion.strip()),
+        "no_answer": no_answer,
+        "truncated": sum(1 for s in samples if s.finish_reason == "length"),
+        "warnings": warnings,
         "scores_missing": len(samples) - len(rewards),
         "completion_tokens": sum(int(s.num_tokens) for s in samples),
         "generated_this_run": generated,

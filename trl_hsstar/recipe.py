@@ -51,6 +51,13 @@ class HSStarScriptArguments(ScriptArguments):
     toy_digits: list[int] = field(
         default_factory=lambda: [1, 1], metadata={"help": "Toy world: digit range."}
     )
+    toy_words: bool = field(
+        default=False,
+        metadata={
+            "help": "Toy world: ask each sum as a question in words ('What is 3 + 4 + 5?') instead of 'Q: 3+4+5', for a "
+            "pretrained instruct model; combine with `system_prompt` to send chat messages."
+        },
+    )
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -97,7 +104,11 @@ def _load_problems(script_args: HSStarScriptArguments, training_args):
             digits=tuple(script_args.toy_digits),
             seed=training_args.seed,
         )
-        return Dataset.from_dict(problems_to_dataset_dict(problems))
+        dataset = Dataset.from_dict(problems_to_dataset_dict(problems))
+        if script_args.toy_words:
+            words = [f"What is {p.expression.replace('+', ' + ').replace('-', ' - ')}?" for p in problems]
+            dataset = dataset.remove_columns("prompt").add_column("prompt", words)
+        return _as_chat(dataset, "prompt", script_args.system_prompt)
     if script_args.dataset_name is None:
         raise ValueError("`dataset_name` is required: a Hub dataset, a local .json/.jsonl file, or `toy`.")
     if script_args.dataset_name.endswith((".json", ".jsonl")):
@@ -111,18 +122,21 @@ def _load_problems(script_args: HSStarScriptArguments, training_args):
         raise ValueError(
             f"`prompt_column` {column!r} is not a column of the dataset ({dataset.column_names})."
         )
-    if script_args.system_prompt is not None:
-        system = script_args.system_prompt
+    return _as_chat(dataset, column, script_args.system_prompt)
+
+
+def _as_chat(dataset, column: str, system: str | None):
+    """The problems with their question in ``prompt``: chat messages (this system turn, then the question) when a
+    system prompt is given, else the text as it is."""
+    if system is not None:
 
         def to_messages(row):
             return {
                 "prompt": [{"role": "system", "content": system}, {"role": "user", "content": row[column]}]
             }
 
-        dataset = dataset.map(to_messages, remove_columns=[column] if column != "prompt" else None)
-    elif column != "prompt":
-        dataset = dataset.rename_column(column, "prompt")
-    return dataset
+        return dataset.map(to_messages, remove_columns=[column] if column != "prompt" else None)
+    return dataset.rename_column(column, "prompt") if column != "prompt" else dataset
 
 
 def _load_reward_funcs(script_args: HSStarScriptArguments):
@@ -190,6 +204,8 @@ def main(script_args: HSStarScriptArguments, training_args, model_args: ModelCon
             f"  iteration {stats['iteration']}: levels {stats['levels']}, budget {stats['budget_spent']}/"
             f"{stats['budget_planned']}, rows {stats['rows']}, pre-sample accuracy {stats['presample_accuracy']:.3f}"
         )
+        for warning in stats.get("warnings", []):
+            trainer.accelerator.print(f"    warning: {warning}")
     if hasattr(trainer, "end"):
         trainer.end()
     return trainer

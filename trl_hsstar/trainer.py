@@ -47,6 +47,7 @@ from .data import (
     split_iterations,
 )
 from .distributed import AccelerateCollective
+from .models import resolve_model
 from .pipeline import PipelineEvents, PipelineSettings, run_iteration
 from .records import Problem
 from .sampling import Sampler, SamplingParams
@@ -64,8 +65,11 @@ RewardFunc = str | PreTrainedModel | Callable[..., list]
 def _load_policy(model, args, quantization_config=None, peft_config=None):
     """The policy as TRL's trainers load it: from an id or path with ``model_init_kwargs`` (and a quantization
     config), then wrapped in a PEFT adapter when ``peft_config`` is given (prepared for k-bit training first)."""
+    model, init_kwargs = resolve_model(
+        model, args.model_init_kwargs
+    )  # a GGUF file: de-quantized once, cached
     if isinstance(model, str):
-        kwargs = {"use_safetensors": True, **(args.model_init_kwargs or {})}  # no unpickling unless asked for
+        kwargs = {"use_safetensors": True, **init_kwargs}  # no unpickling unless asked for
         if quantization_config is not None:
             if "quantization_config" in kwargs:
                 raise ValueError(
@@ -186,7 +190,10 @@ class _HSStarBase(Trainer):
                     "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.skipped_problems),
                 )
         self.hsstar_control = control = TrainerControl()
-        verifier = self.verifier or MathVerifier(timeout=args.verifier_timeout)
+        fallback = args.last_number_fallback
+        if fallback is None:  # instruct models (chat prompts) answer in free text
+            fallback = not isinstance(self.problem_rows[0]["prompt"], str)
+        verifier = self.verifier or MathVerifier(timeout=args.verifier_timeout, last_number_fallback=fallback)
         score_fn, scored = None, False  # reward models load on the first iteration that needs them
         output = TrainOutput(global_step=0, training_loss=float("nan"), metrics={})
         self.iteration_stats = []
@@ -363,6 +370,7 @@ class _HSStarBase(Trainer):
             "temperature": args.temperature,
             "top_p": args.top_p,
             "max_completion_length": args.max_completion_length,
+            "last_number_fallback": args.last_number_fallback,
             "seed": args.seed,
         }
 

@@ -463,6 +463,10 @@ class MathVerifier:
             return False
         return verdict
 
+    def extract(self, completion: str) -> str | None:
+        """The final answer this verifier reads in ``completion`` (``None``: it finds none, so it counts as wrong)."""
+        return extract_answer(completion, last_number_fallback=self.last_number_fallback)
+
     def __call__(self, completion: str, reference: str) -> bool:
         """Whether the completion's final answer equals the reference. Never raises."""
         try:

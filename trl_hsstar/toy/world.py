@@ -20,6 +20,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from ..models import cache_root
 from .problems import ArithmeticProblem, generate_problems
 
 __all__ = [
@@ -104,14 +105,6 @@ REASONER_PRESETS: dict[str, dict] = {
     },
 }
 DEFAULT_REASONER = REASONER_PRESETS["tiny"]
-
-
-def cache_root() -> Path:
-    """``$TRL_HSSTAR_CACHE``, else ``$XDG_CACHE_HOME/trl_hsstar``, else ``~/.cache/trl_hsstar``."""
-    if os.environ.get("TRL_HSSTAR_CACHE"):
-        return Path(os.environ["TRL_HSSTAR_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "trl_hsstar"
 
 
 def cpu_name() -> str:
