@@ -172,3 +172,47 @@ def test_a_run_whose_completions_hold_no_answer_says_so(tmp_path, caplog):
             settings=settings,
         ).stats
     assert fixed["no_answer"] == 0 and fixed["sample_accuracy"] == 1 and fixed["warnings"] == []
+
+
+def test_training_evaluates_the_held_out_problems_before_and_after_each_iteration(reasoner_dir, tmp_path):
+    from trl_hsstar.config import HSStarConfig
+    from trl_hsstar.trainer import HSStarTrainer
+
+    toy = generate_problems(30, operands=(2, 4), seed=3)
+    train = Dataset.from_dict(problems_to_dataset_dict(toy[:24]))
+    held_out = Dataset.from_dict(problems_to_dataset_dict(toy[24:]))
+    args = HSStarConfig(
+        output_dir=str(tmp_path),
+        num_iterations=2,
+        sampling_budget=4,
+        num_presamples=2,
+        difficulty_estimator="accuracy",
+        eval_num_samples=2,
+        max_completion_length=48,
+        per_device_train_batch_size=8,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = HSStarTrainer(model=str(reasoner_dir), args=args, train_dataset=train, eval_dataset=held_out)
+    trainer.train()
+    initial = json.loads((tmp_path / "eval-initial" / "eval_summary.json").read_text())
+    assert initial["num_problems"] == 6 and 0 < initial["greedy"] <= 1 and "pass@2" in initial
+    for t, stats in enumerate(trainer.iteration_stats):
+        assert stats["eval"]["num_problems"] == 6 and set(stats["eval"]) >= {
+            "greedy",
+            "avg@2",
+            "pass@2",
+            "maj@2",
+        }
+        rows = load_dataset("json", data_files=str(tmp_path / f"iteration-{t}" / "eval" / "eval_rows.jsonl"))
+        assert len(rows["train"]) == 6
+    logged = [entry for entry in trainer.state.log_history if "eval/greedy" in entry]
+    assert logged and logged[-1]["eval/greedy"] == trainer.iteration_stats[-1]["eval"]["greedy"]
+    with pytest.raises(ValueError, match="`eval_dataset` lacks the column"):
+        HSStarTrainer(
+            model=str(reasoner_dir),
+            args=args,
+            train_dataset=train,
+            eval_dataset=held_out.remove_columns("answer"),
+        )

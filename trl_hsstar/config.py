@@ -109,6 +109,9 @@ class HSStarArguments:
             Sequences per forward pass of a reward model.
         verifier_timeout (`float`, *optional*, defaults to `5.0`):
             Seconds one answer check may take before it counts as wrong.
+        eval_num_samples (`int`, *optional*, defaults to `0`):
+            With an `eval_dataset` of problems, the model is evaluated on them before the first iteration and after
+            each one (greedy accuracy, plus avg@k, pass@k and maj@k with k = this many samples), logged to `report_to`.
         last_number_fallback (`bool` or `None`, *optional*, defaults to `None`):
             For the default verifier: without a `\boxed{}` or a GSM8K `#### n` line, the last number of a completion
             is its answer. `None` turns it on when the problems' prompts are chat messages (an instruct model answers
@@ -224,6 +227,13 @@ class HSStarArguments:
     reward_batch_size: int = field(default=16, metadata={"help": "Sequences per reward-model forward pass."})
     verifier_timeout: float = field(
         default=5.0, metadata={"help": "Seconds per answer check before it counts as wrong."}
+    )
+    eval_num_samples: int = field(
+        default=0,
+        metadata={
+            "help": "Held-out evaluation (an `eval_dataset` of problems): samples per problem for avg@k, pass@k and "
+            "maj@k beside greedy accuracy (0: greedy only)."
+        },
     )
     last_number_fallback: bool | None = field(
         default=None,

@@ -45,19 +45,19 @@ def ids_digest(rows: list[dict]) -> str:
     return hashlib.sha256("\n".join(r["problem_id"] for r in rows).encode()).hexdigest()[:16]
 
 
-def problem_rows(dataset: Dataset, args) -> list[dict]:
+def problem_rows(dataset: Dataset, args, name: str = "train_dataset") -> list[dict]:
     """Check the problems dataset; its rows as plain dicts with ``problem_id``, ``prompt``, ``answer``, ``columns``."""
     if not isinstance(dataset, Dataset):
         raise TypeError(
-            f"`train_dataset` must be a `datasets.Dataset` of problems (columns `prompt` and `{args.answer_column}`), "
+            f"`{name}` must be a `datasets.Dataset` of problems (columns `prompt` and `{args.answer_column}`), "
             f"got {type(dataset).__name__}."
         )
     if len(dataset) == 0:
-        raise ValueError("`train_dataset` is empty: it must hold the problems to sample solutions for.")
+        raise ValueError(f"`{name}` is empty: it must hold problems (a `prompt` and a reference answer).")
     missing = [c for c in ("prompt", args.answer_column) if c not in dataset.column_names]
     if missing:
         raise ValueError(
-            f"`train_dataset` lacks the column(s) {missing}; it has {dataset.column_names}. Problems need a `prompt` "
+            f"`{name}` lacks the column(s) {missing}; it has {dataset.column_names}. Problems need a `prompt` "
             f"(text or chat messages) and a reference answer in `{args.answer_column}` (set `answer_column` to use "
             "another column)."
         )
@@ -68,7 +68,7 @@ def problem_rows(dataset: Dataset, args) -> list[dict]:
         pid = str(row[args.problem_id_column]) if has_ids else str(i)
         if pid in seen:
             raise ValueError(
-                f"`train_dataset` has duplicate problem id {pid!r} (rows {seen[pid]} and {i}) in column "
+                f"`{name}` has duplicate problem id {pid!r} (rows {seen[pid]} and {i}) in column "
                 f"`{args.problem_id_column}`: problem ids must be unique."
             )
         seen[pid] = i
@@ -79,13 +79,13 @@ def problem_rows(dataset: Dataset, args) -> list[dict]:
             and all(isinstance(m, dict) and "content" in m for m in prompt)
         ):
             raise ValueError(
-                f"`train_dataset` row {i} (id {pid!r}): `prompt` must be a non-empty string or a list of chat "
+                f"`{name}` row {i} (id {pid!r}): `prompt` must be a non-empty string or a list of chat "
                 f"messages, got {type(prompt).__name__}."
             )
         answer = row[args.answer_column]
         if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip():
             raise ValueError(
-                f"`train_dataset` row {i} (id {pid!r}): the reference answer in `{args.answer_column}` is empty or "
+                f"`{name}` row {i} (id {pid!r}): the reference answer in `{args.answer_column}` is empty or "
                 f"not a string/number ({answer!r})."
             )
         columns = {k: v for k, v in row.items() if k not in ("prompt", args.answer_column)}

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -51,6 +52,12 @@ class HSStarScriptArguments(ScriptArguments):
     toy_digits: list[int] = field(
         default_factory=lambda: [1, 1], metadata={"help": "Toy world: digit range."}
     )
+    toy_num_eval_problems: int = field(
+        default=0,
+        metadata={
+            "help": "Toy world: held-out problems evaluated before the first iteration and after each one."
+        },
+    )
     toy_words: bool = field(
         default=False,
         metadata={
@@ -93,10 +100,10 @@ def parse(argv: Sequence[str] | None = None):
 
 
 def _load_problems(script_args: HSStarScriptArguments, training_args):
-    from datasets import Dataset, load_dataset
+    from datasets import load_dataset
 
     if script_args.dataset_name == "toy":
-        from .toy import generate_problems, problems_to_dataset_dict
+        from .toy import generate_problems
 
         problems = generate_problems(
             script_args.toy_num_problems,
@@ -104,11 +111,7 @@ def _load_problems(script_args: HSStarScriptArguments, training_args):
             digits=tuple(script_args.toy_digits),
             seed=training_args.seed,
         )
-        dataset = Dataset.from_dict(problems_to_dataset_dict(problems))
-        if script_args.toy_words:
-            words = [f"What is {p.expression.replace('+', ' + ').replace('-', ' - ')}?" for p in problems]
-            dataset = dataset.remove_columns("prompt").add_column("prompt", words)
-        return _as_chat(dataset, "prompt", script_args.system_prompt)
+        return _toy_dataset(problems, script_args)
     if script_args.dataset_name is None:
         raise ValueError("`dataset_name` is required: a Hub dataset, a local .json/.jsonl file, or `toy`.")
     if script_args.dataset_name.endswith((".json", ".jsonl")):
@@ -123,6 +126,35 @@ def _load_problems(script_args: HSStarScriptArguments, training_args):
             f"`prompt_column` {column!r} is not a column of the dataset ({dataset.column_names})."
         )
     return _as_chat(dataset, column, script_args.system_prompt)
+
+
+def _toy_dataset(problems, script_args):
+    from datasets import Dataset
+
+    from .toy import problems_to_dataset_dict
+
+    dataset = Dataset.from_dict(problems_to_dataset_dict(problems))
+    if script_args.toy_words:
+        words = [f"What is {p.expression.replace('+', ' + ').replace('-', ' - ')}?" for p in problems]
+        dataset = dataset.remove_columns("prompt").add_column("prompt", words)
+    return _as_chat(dataset, "prompt", script_args.system_prompt)
+
+
+def _load_eval_problems(script_args, training_args, train):
+    """Held-out toy problems (``toy_num_eval_problems``), none of them among the training problems."""
+    if script_args.dataset_name != "toy" or not script_args.toy_num_eval_problems:
+        return None
+    from .toy import generate_problems
+
+    seen = set(train["id"])
+    pool = generate_problems(
+        script_args.toy_num_eval_problems + len(seen),
+        operands=tuple(script_args.toy_operands),
+        digits=tuple(script_args.toy_digits),
+        seed=training_args.seed + 1,
+    )
+    held_out = [p for p in pool if p.id not in seen][: script_args.toy_num_eval_problems]
+    return _toy_dataset(held_out, script_args)
 
 
 def _as_chat(dataset, column: str, system: str | None):
@@ -165,6 +197,7 @@ def main(script_args: HSStarScriptArguments, training_args, model_args: ModelCon
     from .trainer import HSStarDPOTrainer, HSStarTrainer
 
     problems = _load_problems(script_args, training_args)
+    eval_problems = _load_eval_problems(script_args, training_args, problems)
     reward_funcs = _load_reward_funcs(script_args)
 
     model = model_args.model_name_or_path
@@ -190,6 +223,7 @@ def main(script_args: HSStarScriptArguments, training_args, model_args: ModelCon
         model=model,
         args=training_args,
         train_dataset=problems,
+        eval_dataset=eval_problems,
         reward_funcs=reward_funcs,
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
@@ -199,11 +233,19 @@ def main(script_args: HSStarScriptArguments, training_args, model_args: ModelCon
     trainer.accelerator.print(
         f"HS-STaR finished: {len(trainer.iteration_stats)} iterations, model in {training_args.output_dir}"
     )
+    initial = os.path.join(training_args.output_dir, "eval-initial", "eval_summary.json")
+    if eval_problems is not None and os.path.exists(initial):
+        with open(initial, encoding="utf-8") as f:
+            trainer.accelerator.print(
+                f"  held-out greedy accuracy before the first iteration: {json.load(f)['greedy']:.3f}"
+            )
     for stats in trainer.iteration_stats:
         trainer.accelerator.print(
             f"  iteration {stats['iteration']}: levels {stats['levels']}, budget {stats['budget_spent']}/"
             f"{stats['budget_planned']}, rows {stats['rows']}, pre-sample accuracy {stats['presample_accuracy']:.3f}"
         )
+        if stats.get("eval"):
+            trainer.accelerator.print(f"    held-out greedy accuracy after it: {stats['eval']['greedy']:.3f}")
         for warning in stats.get("warnings", []):
             trainer.accelerator.print(f"    warning: {warning}")
     if hasattr(trainer, "end"):

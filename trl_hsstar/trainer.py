@@ -47,6 +47,7 @@ from .data import (
     split_iterations,
 )
 from .distributed import AccelerateCollective
+from .evaluation import evaluate
 from .models import resolve_model
 from .pipeline import PipelineEvents, PipelineSettings, run_iteration
 from .records import Problem
@@ -144,6 +145,7 @@ class _HSStarBase(Trainer):
         callbacks=None,
         peft_config=None,
         quantization_config=None,
+        eval_dataset: Dataset | None = None,
         **trl_kwargs,
     ):
         # -- checks, before anything expensive
@@ -158,6 +160,10 @@ class _HSStarBase(Trainer):
         self.iteration_problems = split_iterations(rows, args)
         self.rewards = RunRewards(reward_funcs, reward_processing_classes, reward_weights, args)
         self.verifier = verifier
+        # held-out problems, evaluated before the first iteration and after each one
+        self.eval_problems = (
+            None if eval_dataset is None else problem_rows(eval_dataset, args, name="eval_dataset")
+        )
 
         # -- the policy and its tokenizer
         model = _load_policy(model, args, quantization_config, peft_config)
@@ -226,6 +232,11 @@ class _HSStarBase(Trainer):
                 sampler = self.generation.sampler(
                     self.model, t, A.IterationArtifacts(args.output_dir, t - 1).model_dir
                 )
+                initial = os.path.join(args.output_dir, "eval-initial")
+                if (
+                    t == 0 and self.eval_problems is not None and not os.path.exists(initial)
+                ):  # the starting model
+                    self._evaluate(sampler, verifier, initial)
                 result = run_iteration(
                     problems,
                     store=store,
@@ -252,8 +263,11 @@ class _HSStarBase(Trainer):
                         "Iteration %d selected no training rows: the model is carried over unchanged.", t
                     )
 
-                # save
+                # save, and evaluate the new model on the held-out problems
                 self._save_iteration_model(store)
+                if self.eval_problems is not None:
+                    sampler = self.generation.sampler(self.model, t + 1, store.model_dir)
+                    stats["eval"] = self._evaluate(sampler, verifier, str(store.dir / "eval"))
                 if self.accelerator.is_main_process:
                     store.write_json(A.STATS, stats)
                     store.mark_done()
@@ -292,6 +306,36 @@ class _HSStarBase(Trainer):
         return output
 
     # -- pieces
+
+    def _evaluate(self, sampler, verifier, output_dir: str) -> dict | None:
+        """Greedy (and ``eval_num_samples``-sample) accuracy on the held-out problems, on the main process; the
+        rows and summary are saved in ``output_dir``, the figures logged as ``eval/...``."""
+        args, summary = self.args, None
+        if self.accelerator.is_main_process:
+            problems = [
+                Problem(r["problem_id"], r["prompt"], self._render(r["prompt"]), r["answer"], r["columns"])
+                for r in self.eval_problems
+            ]
+            rows, summary = evaluate(
+                problems,
+                sampler,
+                verifier,
+                k=args.eval_num_samples,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                max_new_tokens=args.max_completion_length,
+                seed=args.seed,
+            )
+            A.atomic_write_text(
+                os.path.join(output_dir, "eval_rows.jsonl"),
+                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+            )
+            A.atomic_write_text(
+                os.path.join(output_dir, "eval_summary.json"), json.dumps(summary, indent=2) + "\n"
+            )
+            self.log({f"eval/{k}": v for k, v in summary.items() if "@" in k or k == "greedy"})
+        self.accelerator.wait_for_everyone()
+        return summary
 
     def _restore(self, model_dir) -> None:
         logger.info("Resuming: loading the model of the last completed iteration from %s", model_dir)
