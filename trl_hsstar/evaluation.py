@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from collections import Counter
@@ -30,7 +31,7 @@ from .records import Problem
 from .sampling import Sampler, SamplingParams
 from .verify import MathVerifier, extract_answer
 
-__all__ = ["evaluate", "load_problems", "main", "markdown_table", "pass_at_k"]
+__all__ = ["evaluate", "load_problems", "main", "markdown_table", "pass_at_k", "save"]
 
 BOXED_SYSTEM_PROMPT = "Solve the problem step by step. Put the final answer in \\boxed{}."
 
@@ -202,6 +203,18 @@ def _means(rows: list[dict], k: int) -> dict[str, float | None]:
     return out
 
 
+def save(rows: list[dict], summary: dict, output_dir: str | os.PathLike) -> Path:
+    """Write ``eval_rows.jsonl`` and ``eval_summary.json`` into ``output_dir`` (each atomically); return it."""
+    from .artifacts import atomic_write_text
+
+    out = Path(output_dir)
+    atomic_write_text(
+        out / "eval_rows.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    )
+    atomic_write_text(out / "eval_summary.json", json.dumps(summary, indent=2) + "\n")
+    return out
+
+
 def markdown_table(summary: dict) -> str:
     """The summary as a Markdown table: one row for all problems, one per group."""
     keys = [key for key in summary if key == "greedy" or "@" in key]
@@ -323,11 +336,7 @@ def main(args: argparse.Namespace) -> dict:
         last_number_fallback=fallback,
         command=" ".join(["hsstar", "eval", *sys.argv[2:]]) if sys.argv[1:2] == ["eval"] else None,
     )
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "eval_rows.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    (out / "eval_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    out = save(rows, summary, args.output_dir)
     print(markdown_table(summary))
     print(
         f"\n{len(rows)} problems in {summary['seconds']} s; rows: {out / 'eval_rows.jsonl'}, summary: "

@@ -18,7 +18,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["cache_root", "check_trainable", "dequantized_gguf", "resolve_model"]
+__all__ = ["cache_root", "check_trainable", "dequantized_gguf", "resolve_model", "sha256_file"]
 
 
 def cache_root() -> Path:
@@ -29,7 +29,8 @@ def cache_root() -> Path:
     return Path(base) / "trl_hsstar"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -62,7 +63,7 @@ def dequantized_gguf(path: str | os.PathLike, *, cache_dir: str | os.PathLike | 
 
     path = Path(path)
     root = Path(cache_dir) if cache_dir is not None else cache_root() / "gguf"
-    target = root / f"{path.stem}-{_sha256(path)[:16]}"
+    target = root / f"{path.stem}-{sha256_file(path)[:16]}"
     if (target / "model.safetensors").exists() or (target / "model.safetensors.index.json").exists():
         return target
     try:

@@ -47,7 +47,7 @@ from .data import (
     split_iterations,
 )
 from .distributed import AccelerateCollective
-from .evaluation import evaluate
+from .evaluation import evaluate, save
 from .models import resolve_model
 from .pipeline import PipelineEvents, PipelineSettings, run_iteration
 from .records import Problem
@@ -326,13 +326,7 @@ class _HSStarBase(Trainer):
                 max_new_tokens=args.max_completion_length,
                 seed=args.seed,
             )
-            A.atomic_write_text(
-                os.path.join(output_dir, "eval_rows.jsonl"),
-                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-            )
-            A.atomic_write_text(
-                os.path.join(output_dir, "eval_summary.json"), json.dumps(summary, indent=2) + "\n"
-            )
+            save(rows, summary, output_dir)
             self.log({f"eval/{k}": v for k, v in summary.items() if "@" in k or k == "greedy"})
         self.accelerator.wait_for_everyone()
         return summary

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from ..models import cache_root
+from ..models import cache_root, sha256_file
 from .problems import ArithmeticProblem, generate_problems
 
 __all__ = [
@@ -233,14 +233,6 @@ def _save(model, tokenizer, path: Path, files: dict[str, object]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _cached(kind: str, identity: dict, cache_dir) -> Path:
     """The cache directory of a model: keyed by everything that made it, the world's version included."""
     identity = {**identity, "world_version": WORLD_VERSION}
@@ -267,7 +259,7 @@ def _write_reasoner(path: Path, preset: str, settings: dict, *, progress: bool =
         files["levels.json"] = evaluate_levels(model, tokenizer, held_out_problems(), progress=progress)
     _save(model, tokenizer, path, {**files, "build.json": build})
     record = json.loads((path / "build.json").read_text())
-    record["sha256"] = _sha256(path / "model.safetensors")
+    record["sha256"] = sha256_file(path / "model.safetensors")
     (path / "build.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return path
 
@@ -451,7 +443,7 @@ def _write_prm(path: Path, reasoner_dir: Path, settings: dict, *, progress: bool
     files = {"toy_prm.json": {**settings, "world_version": WORLD_VERSION}, "prm_metrics.json": metrics}
     _save(model, tokenizer, path, {**files, "build.json": build})
     record = json.loads((path / "build.json").read_text())
-    record["sha256"] = _sha256(path / "model.safetensors")
+    record["sha256"] = sha256_file(path / "model.safetensors")
     (path / "build.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return path
 
