@@ -622,3 +622,23 @@ def test_real_vllm_on_cuda(reasoner_dir, tmp_path):
     finally:
         sampler.close()
     shutil.rmtree(tmp_path / "other", ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_evaluation_through_the_engine_agrees_with_transformers_greedy(engine, reasoner_dir):
+    """``hsstar eval`` generates through the same samplers as training: greedy verdicts agree across backends."""
+    from trl_hsstar.evaluation import evaluate
+    from trl_hsstar.records import Problem
+
+    toy = generate_problems(12, operands=(2, 5), seed=9)
+    problems = [Problem(p.id, p.prompt, p.prompt, str(p.answer)) for p in toy]
+    model = AutoModelForCausalLM.from_pretrained(reasoner_dir)
+    ours, _ = evaluate(problems, engine, k=2, max_new_tokens=48)
+    theirs, _ = evaluate(
+        problems,
+        TransformersSampler(model, AutoTokenizer.from_pretrained(reasoner_dir), progress=False),
+        k=0,
+        max_new_tokens=48,
+    )
+    assert [r["greedy"]["completion"] for r in ours] == [r["greedy"]["completion"] for r in theirs]
+    assert all(len(r["samples"]) == 2 for r in ours) and sum(r["greedy"]["correct"] for r in ours) > 0

@@ -303,9 +303,16 @@ def main(args: argparse.Namespace) -> dict:
         tokenizer=tokenizer,
     )
     if args.use_vllm:
+        from .sampling.engine import cpu_engine_env
         from .sampling.vllm_sampler import VLLMSampler
 
-        sampler = VLLMSampler(model_path, tokenizer, python=args.vllm_python)
+        sampler = VLLMSampler(
+            model_path,
+            tokenizer,
+            python=args.vllm_python,
+            engine_kwargs={"seed": args.seed},
+            env=cpu_engine_env(),
+        )
     else:
         from .sampling import TransformersSampler
 

@@ -18,7 +18,7 @@ from ..scoring import model_name
 from .base import Sampler
 from .transformers_sampler import TransformersSampler
 
-__all__ = ["Generation", "engine_cuda_devices"]
+__all__ = ["Generation", "cpu_engine_env", "engine_cuda_devices"]
 
 
 class Generation:
@@ -109,13 +109,8 @@ class Generation:
                 enable_lora=True, max_loras=2, max_lora_rank=max(8, rank)
             )  # base and adapter requests
         engine.update(args.vllm_engine_kwargs or {})
-        env = {}
-        if not _accelerator_available():  # vLLM's CPU build: a small KV cache, every core
-            env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
-            env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ.get(
-                "VLLM_CPU_OMP_THREADS_BIND", f"0-{max(1, os.cpu_count() or 1) - 1}"
-            )
-        elif torch.cuda.is_available():
+        env = cpu_engine_env()
+        if not env and torch.cuda.is_available():
             # each training process's engine on its own GPU(s), not all of them on the first one
             state = self.accelerator.state
             devices = engine_cuda_devices(
@@ -159,6 +154,19 @@ class Generation:
         if self.args.vllm_mode == "server" and not self.accelerator.is_main_process:
             return
         self.engine.sleep() if sleep else self.engine.wake()
+
+
+def cpu_engine_env() -> dict[str, str]:
+    """The environment of a vLLM engine on a machine without an accelerator (vLLM's CPU build): a small KV cache
+    and every core; empty where an accelerator is present."""
+    if _accelerator_available():
+        return {}
+    return {
+        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        "VLLM_CPU_OMP_THREADS_BIND": os.environ.get(
+            "VLLM_CPU_OMP_THREADS_BIND", f"0-{max(1, os.cpu_count() or 1) - 1}"
+        ),
+    }
 
 
 def engine_cuda_devices(
