@@ -236,7 +236,7 @@ class _HSStarBase(Trainer):
                 if (
                     t == 0 and self.eval_problems is not None and not os.path.exists(initial)
                 ):  # the starting model
-                    self._evaluate(sampler, verifier, initial)
+                    self._evaluate_held_out(sampler, verifier, initial)
                 result = run_iteration(
                     problems,
                     store=store,
@@ -267,7 +267,7 @@ class _HSStarBase(Trainer):
                 self._save_iteration_model(store)
                 if self.eval_problems is not None:
                     sampler = self.generation.sampler(self.model, t + 1, store.model_dir)
-                    stats["eval"] = self._evaluate(sampler, verifier, str(store.dir / "eval"))
+                    stats["eval"] = self._evaluate_held_out(sampler, verifier, str(store.dir / "eval"))
                 if self.accelerator.is_main_process:
                     store.write_json(A.STATS, stats)
                     store.mark_done()
@@ -307,7 +307,7 @@ class _HSStarBase(Trainer):
 
     # -- pieces
 
-    def _evaluate(self, sampler, verifier, output_dir: str) -> dict | None:
+    def _evaluate_held_out(self, sampler, verifier, output_dir: str) -> dict | None:
         """Greedy (and ``eval_num_samples``-sample) accuracy on the held-out problems, on the main process; the
         rows and summary are saved in ``output_dir``, the figures logged as ``eval/...``."""
         args, summary = self.args, None
