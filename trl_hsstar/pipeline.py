@@ -388,7 +388,7 @@ def _mean(values: list[float]) -> float | None:
 
 def _no_answer_warnings(
     samples: list[Sample], verifier, settings: PipelineSettings
-) -> tuple[int | None, list[str]]:
+) -> tuple[int | None, int, list[str]]:
     """How many completions hold no answer the verifier can read, and what to say when most are like that (or cut
     at the length limit): a run whose every sample counts as wrong must not pass in silence."""
     extract = getattr(verifier, "extract", None)  # a custom verifier without one: not counted
@@ -410,14 +410,14 @@ def _no_answer_warnings(
         )
     for warning in warnings:
         logger.warning(warning)
-    return no_answer, warnings
+    return no_answer, truncated, warnings
 
 
 def _stats(
     *, verifier, problems, samples, difficulties, resamples, rows, settings, n_p, fell_back, generation
 ) -> dict:
     n = len(problems)
-    no_answer, warnings = _no_answer_warnings(samples, verifier, settings)
+    no_answer, truncated, warnings = _no_answer_warnings(samples, verifier, settings)
     level_of = {pid: d.level.value for pid, d in difficulties.items()}
     pre = [s for s in samples if s.round == 0]
     spent_per_level = Counter(level_of[s.problem_id] for s in samples)
@@ -455,7 +455,7 @@ def _stats(
         "finish_reasons": dict(Counter(s.finish_reason for s in samples)),
         "empty_completions": sum(1 for s in samples if not s.completion.strip()),
         "no_answer": no_answer,
-        "truncated": sum(1 for s in samples if s.finish_reason == "length"),
+        "truncated": truncated,
         "warnings": warnings,
         "scores_missing": len(samples) - len(rewards),
         "completion_tokens": sum(int(s.num_tokens) for s in samples),
