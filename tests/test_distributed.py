@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import run_group
+from helpers import cpu_launch_args, run_group
 
 from trl_hsstar import artifacts as A
 
@@ -67,17 +67,7 @@ def _launch(config: Path, num_processes: int) -> subprocess.CompletedProcess:
             sys.executable,
             "-m",
             "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            str(num_processes),
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            "0",
+            *cpu_launch_args(num_processes),
             str(
                 REPO
                 / "recipes"

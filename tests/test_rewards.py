@@ -146,10 +146,6 @@ def test_split_steps():
     ("values", "message"),
     [
         ([0.1, 0.2, 0.3], r"reward function 'my_fn' returned 3 values for 4 completions"),
-        (
-            [0.1, 0.2, float("nan"), 0.3],
-            r"returned NaN at index 2: return None for a completion it cannot score",
-        ),
         ([0.1, float("inf"), 0.2, 0.3], r"'my_fn' returned inf at index 1: rewards must be finite"),
         ([0.1, True, 0.2, 0.3], r"'my_fn' returned True \(bool\) at index 1"),
         ([0.1, 0.2, "0.3", 0.4], r"'my_fn' returned '0.3' \(str\) at index 2"),
@@ -171,6 +167,7 @@ def test_check_rewards_accepts_reals_and_none():
     assert check_rewards((0.5,), 1, "f") == [0.5]
     assert check_rewards([], 0, "f") == []
     assert check_rewards([None, None], 2, "f") == [None, None]
+    assert check_rewards([0.5, float("nan")], 2, "f") == [0.5, None]  # NaN means None, as in GRPOTrainer
 
 
 def test_combine_rewards_weighted_sum_ignoring_none():
@@ -204,8 +201,7 @@ def test_combine_rewards_errors():
 
     with pytest.raises(ValueError, match=r"reward function 'short' returned 1 values for 2 completions"):
         combine_rewards([short])(["p", "q"], ["c", "d"])
-    with pytest.raises(ValueError, match=r"'nan' returned NaN at index 0"):
-        combine_rewards([nan])(["p"], ["c"])
+    assert combine_rewards([nan])(["p"], ["c"]) == [None]  # NaN is "cannot score", not an error
     with pytest.raises(ValueError, match="2 reward weights for 1 reward sources"):
         combine_rewards([short], weights=[1.0, 2.0])
     with pytest.raises(ValueError, match="finite real"):

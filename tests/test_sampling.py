@@ -375,3 +375,41 @@ def test_accelerator_unwraps_for_generation(model, tok, monkeypatch):
         AcceleratorState._reset_state(reset_partial_state=True)
     assert unwrapped == [prepared]
     assert results == plain and [len(r) for r in results] == [1, 1, 0, 2]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"top_k": -1}, "top_k"),
+        ({"top_k": 1.5}, "top_k"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+    ],
+)
+def test_grpo_sampling_knobs_are_checked(kwargs, field):
+    with pytest.raises(ValueError, match=f"`{field}`"):
+        SamplingParams(**kwargs)
+
+
+def test_top_k_and_generation_kwargs_reach_generate(model, tok):
+    """top_k=1 at temperature 1 is greedy decoding; generation_kwargs override the other fields."""
+    sampler = TransformersSampler(model, tok, progress=False)
+    top1 = SamplingParams(temperature=1.0, top_p=1.0, top_k=1, max_new_tokens=10, seed=0)
+    assert [r[0].text for r in sampler.generate(PROMPTS, [1] * 4, top1)] == [
+        unbatched_greedy(model, tok, p, 10) for p in PROMPTS
+    ]
+    short = SamplingParams(temperature=0, max_new_tokens=10, generation_kwargs={"max_new_tokens": 2})
+    assert all(r[0].num_tokens <= 2 for r in sampler.generate(PROMPTS, [1] * 4, short))
+
+
+def test_vllm_requests_carry_the_sampling_knobs(tok):
+    from trl_hsstar.sampling.vllm_sampler import vllm_request
+
+    params = SamplingParams(
+        top_k=5, min_p=0.05, repetition_penalty=1.1, generation_kwargs={"presence_penalty": 0.5}
+    )
+    _, _, _, fields = vllm_request(tok, ["a"], [1], params, stop=None)
+    assert (fields["top_k"], fields["min_p"], fields["repetition_penalty"]) == (5, 0.05, 1.1)
+    assert fields["extra"] == {"presence_penalty": 0.5}
+    _, _, _, off = vllm_request(tok, ["a"], [1], SamplingParams(), stop=None)
+    assert (off["top_k"], off["min_p"], off["extra"]) == (-1, 0.0, {})  # vLLM's "off"

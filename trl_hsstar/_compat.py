@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import re
+
 import torch
 
-__all__ = ["keep_bnb_4bit_weights_trainable_on_cpu", "load_checkpoint"]
+__all__ = ["keep_bnb_4bit_weights_trainable_on_cpu", "load_checkpoint", "save_model_without_push"]
 
 
 def keep_bnb_4bit_weights_trainable_on_cpu(model: torch.nn.Module) -> int:
@@ -34,6 +37,21 @@ def keep_bnb_4bit_weights_trainable_on_cpu(model: torch.nn.Module) -> int:
     return changed
 
 
+class _TiedHeadIsNotMissing(logging.Filter):
+    """Drops transformers' "missing keys" warning when the only key missing is an output head tied to the input
+    embedding: the checkpoint holds it once, under the embedding's name, and loading it fills both."""
+
+    def __init__(self, tied: set[str]):
+        super().__init__()
+        self.tied = tied
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "missing keys" not in message:
+            return True
+        return not self.tied or not all(name in self.tied for name in re.findall(r"'([^']+)'", message))
+
+
 def load_checkpoint(trainer, model_dir) -> None:
     """Load a saved iteration's weights (or adapter, for PEFT) into ``trainer.model``.
 
@@ -41,4 +59,21 @@ def load_checkpoint(trainer, model_dir) -> None:
     sharded, safetensors, PEFT adapters); its Trainer resumes through this private method, and so do we.
     ``tests/test_compat.py`` fails when its signature changes.
     """
-    trainer._load_from_checkpoint(str(model_dir))
+    config = getattr(trainer.model, "config", None)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    quiet = _TiedHeadIsNotMissing(tied)
+    log = logging.getLogger("transformers.trainer")
+    log.addFilter(quiet)
+    try:
+        trainer._load_from_checkpoint(str(model_dir))
+    finally:
+        log.removeFilter(quiet)
+
+
+def save_model_without_push(trainer, output_dir: str) -> None:
+    """``trainer.save_model(output_dir)`` without the Hub upload that ``push_to_hub=True`` adds to every call.
+
+    transformers skips that upload only for its own saves, flagged by the ``_internal_call`` argument; an HS-STaR
+    run saves each iteration's model this way and pushes once per iteration end itself (:mod:`trl_hsstar.hub`).
+    """
+    trainer.save_model(output_dir, _internal_call=True)

@@ -6,7 +6,30 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["eval_mode"]
+__all__ = ["eval_mode", "quiet_progress_bars"]
+
+
+@contextmanager
+def quiet_progress_bars(datasets_too: bool = False) -> Iterator[None]:
+    """No transformers progress bars ("Loading weights", "Writing model shards") inside the block, for the loop's
+    own saves and loads; with ``datasets_too``, none of datasets' either (``disable_tqdm``). Restored after."""
+    from transformers.utils import logging as hf_logging
+
+    restore = []
+    if hf_logging.is_progress_bar_enabled():
+        hf_logging.disable_progress_bar()
+        restore.append(hf_logging.enable_progress_bar)
+    if datasets_too:
+        import datasets
+
+        if datasets.is_progress_bar_enabled():
+            datasets.disable_progress_bars()
+            restore.append(datasets.enable_progress_bars)
+    try:
+        yield
+    finally:
+        for undo in restore:
+            undo()
 
 
 @contextmanager

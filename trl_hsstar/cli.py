@@ -1,14 +1,19 @@
 """The ``hsstar`` command.
 
-``hsstar train --config x.yaml [--field value ...]``
-    Run the HS-STaR loop from a recipe YAML (the trainer follows the YAML's ``objective``: sft or dpo); the
-    same as ``accelerate launch recipes/hsstar.py --config x.yaml``.
+``hsstar train --config x.yaml [--field value ...] [--num_processes N --accelerate_config NAME]``
+    Run the HS-STaR loop from a recipe YAML or a shipped recipe's name (``toy_cpu``; the trainer follows the
+    YAML's ``objective``: sft or dpo). Arguments that are not fields go to ``accelerate launch``, as with
+    ``trl sft``; ``--accelerate_config`` takes a file or a shipped name (``multi_gpu``, ``deepspeed_zero3``, ...).
+    ``hsstar train --help`` lists every field.
 ``hsstar vllm-serve --model PATH [--python P] [--host 127.0.0.1] [--port 8000] [vllm serve arguments ...]``
     Start a vLLM server that the loop can reload in place each iteration (``vllm_mode: server``): the dev
     endpoints on, trl-hsstar's worker extension loaded, bound to loopback unless told otherwise.
 ``hsstar eval --model M --dataset D [--k 8 --limit N --group-by COLUMN ...]``
     Greedy accuracy, avg@k, unbiased pass@k and maj@k of a model (a directory, Hub id or .gguf file, plus an
     optional LoRA adapter) on any datasets-loadable problem set; ``eval_rows.jsonl`` and ``eval_summary.json``.
+``hsstar env``
+    The versions of trl-hsstar, Python, torch and the Hugging Face stack, the devices and vLLM, for bug reports
+    (as ``trl env``).
 ``hsstar world [--num-problems 3 ...]``
     Print problems of the embedded arithmetic world with their reference rationale, other valid paths and labels.
 ``hsstar world build [--seed 0] [--output-dir DIR] [--only tiny m0 prm]``
@@ -99,6 +104,42 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def environment() -> dict[str, str]:
+    """What ``hsstar env`` prints: versions and devices, as ``trl env`` reports them."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    if torch.cuda.is_available():
+        devices = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    else:
+        devices = f"cpu ({torch.get_num_threads()} torch threads)"
+    info = {"trl-hsstar version": __version__, "Platform": platform.platform()}
+    info["Python version"] = platform.python_version()
+    info["PyTorch version"] = torch.__version__
+    info["accelerator(s)"] = devices
+    for name in ("transformers", "trl", "accelerate", "datasets", "peft", "huggingface_hub", "math-verify"):
+        info[f"{name} version"] = installed(name)
+    for name in ("bitsandbytes", "deepspeed", "gguf", "tensorboard", "wandb"):
+        info[f"{name} version"] = installed(name)
+    info["vllm version"] = installed("vllm")  # a separate engine interpreter is the config's `vllm_python`
+    return info
+
+
+def _env(args: argparse.Namespace) -> int:
+    info = environment()
+    print("\nCopy-paste the following information when reporting an issue:\n")
+    print("\n".join(f"- {key}: {value}" for key, value in info.items()))
+    return 0
+
+
 def _vllm_serve(args: argparse.Namespace) -> int:
     import time
 
@@ -143,7 +184,7 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     train = sub.add_parser(
         "train",
-        help="run the HS-STaR loop from a recipe YAML: hsstar train --config recipes/configs/toy_cpu.yaml",
+        help="run the HS-STaR loop from a recipe YAML: hsstar train --config toy_cpu (--help: every field)",
         add_help=False,
     )
     train.add_argument("recipe_args", nargs=argparse.REMAINDER, help="--config x.yaml and field overrides")
@@ -186,6 +227,8 @@ def make_parser() -> argparse.ArgumentParser:
     serve.add_argument("--timeout", type=float, default=600.0, help="seconds the server may take to start")
     serve.add_argument("--log", default=None, help="the server's log file (default: a temporary file)")
     serve.set_defaults(func=_vllm_serve, vllm_args=[])
+    env = sub.add_parser("env", help="print versions and devices for a bug report (as `trl env`)")
+    env.set_defaults(func=_env)
     world = sub.add_parser(
         "world", help="print problems of the embedded world, or `hsstar world build` its shipped checkpoints"
     )
@@ -204,8 +247,8 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["train"] and not {"-h", "--help"} & set(argv[1:2]):
-        # everything after `train` belongs to the recipe's TrlParser (argparse's REMAINDER drops leading --options)
+    if argv[:1] == ["train"]:
+        # everything after `train` belongs to the recipe's TrlParser, --help included (it lists every field)
         return _train(argparse.Namespace(recipe_args=argv[1:]))
     if argv[:1] == ["bench"]:  # everything after `bench` belongs to the benchmark's own parser
         return _bench(argparse.Namespace(bench_args=argv[1:]))

@@ -80,6 +80,18 @@ class HSStarArguments:
             Sampling temperature.
         top_p (`float`, *optional*, defaults to `0.95`):
             Nucleus sampling probability.
+        top_k (`int`, *optional*, defaults to `0`):
+            Keep only the k most likely tokens; `0` keeps all (as GRPOConfig).
+        min_p (`float`, *optional*):
+            Minimum token probability relative to the most likely token, in [0, 1] (as GRPOConfig).
+        repetition_penalty (`float`, *optional*, defaults to `1.0`):
+            Penalty on tokens already in the prompt or completion (`1.0`: none).
+        generation_kwargs (`dict`, *optional*):
+            More keyword arguments for `generate` (transformers) or `SamplingParams` (vLLM); they override the
+            fields above (as GRPOConfig).
+        chat_template_kwargs (`dict`, *optional*):
+            Keyword arguments for `apply_chat_template` when chat prompts are rendered, e.g.
+            `{"enable_thinking": false}` for Qwen3.
         max_completion_length (`int`, *optional*, defaults to `512`):
             Maximum number of tokens generated per sample.
         generation_batch_size (`int`, *optional*, defaults to `64`):
@@ -194,6 +206,23 @@ class HSStarArguments:
     )
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature."})
     top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling probability."})
+    top_k: int = field(default=0, metadata={"help": "Top-k filtering; 0 keeps every token."})
+    min_p: float | None = field(
+        default=None, metadata={"help": "Minimum token probability relative to the most likely token."}
+    )
+    repetition_penalty: float = field(default=1.0, metadata={"help": "Repetition penalty (1.0: none)."})
+    generation_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "More generate (transformers) or SamplingParams (vLLM) arguments; a dict or its JSON."
+        },
+    )
+    chat_template_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": 'apply_chat_template arguments, e.g. {"enable_thinking": false}; a dict or its JSON.'
+        },
+    )
     max_completion_length: int = field(default=512, metadata={"help": "Maximum tokens generated per sample."})
     generation_batch_size: int = field(
         default=64, metadata={"help": "Sequences per generate call (per process)."}
@@ -319,7 +348,25 @@ class HSStarArguments:
         positive_int("max_rows_per_problem", allow_none=True)
         # the budget and the sampling settings are checked by the functions that own them, with the same messages
         presamples_for(self.allocation, self.sampling_budget, self.num_presamples)
-        SamplingParams(temperature=self.temperature, top_p=self.top_p)
+        for name in ("generation_kwargs", "chat_template_kwargs"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError as error:
+                    raise ValueError(
+                        f"`{name}` must be a dict or its JSON, got {value!r}: {error}."
+                    ) from error
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"`{name}` must be a dict, got {type(value).__name__}.")
+            setattr(self, name, value)
+        SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+        )
         if not self.verifier_timeout > 0:
             raise ValueError(f"`verifier_timeout` must be positive, got {self.verifier_timeout!r}.")
         if self.difficulty_estimator not in ESTIMATORS:

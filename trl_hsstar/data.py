@@ -88,7 +88,8 @@ def problem_rows(dataset: Dataset, args, name: str = "train_dataset") -> list[di
                 f"`{name}` row {i} (id {pid!r}): the reference answer in `{args.answer_column}` is empty or "
                 f"not a string/number ({answer!r})."
             )
-        columns = {k: v for k, v in row.items() if k not in ("prompt", args.answer_column)}
+        # every other column under its own name, the answer column too, as GRPOTrainer passes them to rewards
+        columns = {k: v for k, v in row.items() if k != "prompt"}
         rows.append({"problem_id": pid, "prompt": prompt, "answer": str(answer).strip(), "columns": columns})
     return rows
 

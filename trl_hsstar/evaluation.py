@@ -60,6 +60,7 @@ def load_problems(
     chat: bool = False,
     system_prompt: str | None = None,
     tokenizer: Any = None,
+    chat_template_kwargs: dict | None = None,
 ) -> list[Problem]:
     """The problems of ``dataset``, their prompts rendered for generation (the tokenizer's chat template with
     ``chat``)."""
@@ -85,7 +86,9 @@ def load_problems(
             prompt: Any = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
                 {"role": "user", "content": question}
             ]
-            text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(
+                prompt, tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {})
+            )
         else:
             prompt = text = question if not system_prompt else f"{system_prompt}\n\n{question}"
         columns = {k: v for k, v in row.items() if k not in (question_column, answer_column)}
@@ -105,8 +108,10 @@ def evaluate(
     max_new_tokens: int = 512,
     seed: int = 0,
     group_by: str | None = None,
+    sampling: dict | None = None,
 ) -> tuple[list[dict], dict]:
-    """Greedy and k sampled completions per problem, checked; returns ``(rows, summary)`` (see the module doc)."""
+    """Greedy and k sampled completions per problem, checked; returns ``(rows, summary)`` (see the module doc).
+    ``sampling`` holds the other :class:`~trl_hsstar.sampling.SamplingParams` fields of the k samples."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise ValueError(f"`k` must be a non-negative integer (0: greedy only), got {k!r}.")
     own = verifier is None
@@ -118,7 +123,9 @@ def evaluate(
         greedy = sampler.generate(texts, [1] * len(texts), SamplingParams(0.0, 1.0, max_new_tokens, seed))
         sampled = (
             sampler.generate(
-                texts, [k] * len(texts), SamplingParams(temperature, top_p, max_new_tokens, seed)
+                texts,
+                [k] * len(texts),
+                SamplingParams(temperature, top_p, max_new_tokens, seed, **(sampling or {})),
             )
             if k
             else [[] for _ in texts]
@@ -251,6 +258,14 @@ def make_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argum
     )
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--top-k", type=int, default=0, help="top-k filtering of the k samples (0: off)")
+    parser.add_argument("--min-p", type=float, default=None, help="min-p filtering of the k samples")
+    parser.add_argument(
+        "--chat-template-kwargs",
+        type=json.loads,
+        default=None,
+        help="apply_chat_template arguments as JSON, e.g. '{\"enable_thinking\": false}' for Qwen3",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -301,6 +316,7 @@ def main(args: argparse.Namespace) -> dict:
         chat=chat,
         system_prompt=args.system_prompt or None,
         tokenizer=tokenizer,
+        chat_template_kwargs=args.chat_template_kwargs,
     )
     if args.use_vllm:
         from .sampling.engine import cpu_engine_env
@@ -334,6 +350,7 @@ def main(args: argparse.Namespace) -> dict:
             max_new_tokens=args.max_new_tokens,
             seed=args.seed,
             group_by=args.group_by,
+            sampling={"top_k": args.top_k, "min_p": args.min_p},
         )
     summary.update(
         model=args.model,

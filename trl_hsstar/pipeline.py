@@ -155,7 +155,6 @@ def _score(samples: list[Sample], problems: dict[str, Problem], score_fn: ScoreF
     columns: dict[str, list] = {}
     for key in sorted({k for p in ps for k in p.columns}):
         columns[key] = [p.columns.get(key) for p in ps]
-    columns.setdefault("answer", [p.answer for p in ps])
     rewards = score_fn(
         [p.prompt for p in ps], [p.completion(s.completion) for p, s in zip(ps, samples)], **columns
     )

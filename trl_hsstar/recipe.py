@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from trl import ModelConfig, ScriptArguments, TrlParser
 
@@ -42,7 +43,14 @@ class HSStarScriptArguments(ScriptArguments):
     reward_funcs: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Reward functions as 'module:function' (or 'oracle' for the toy world's step checker)."
+            "help": "Reward functions: one of TRL's by name (accuracy_reward, think_format_reward, ...), an import path "
+            "('my_rewards.correctness' or 'my_rewards:correctness'), or 'oracle' (the toy world's step checker)."
+        },
+    )
+    reward_weights: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "One weight per reward source (the model first, then `reward_funcs`): S(r) is their sum."
         },
     )
     toy_num_problems: int = field(default=600, metadata={"help": "Toy world: number of problems generated."})
@@ -71,9 +79,26 @@ class HSStarScriptArguments(ScriptArguments):
             raise ValueError(f"`objective` must be one of {OBJECTIVES}, got {self.objective!r}.")
 
 
-def make_parser(objective: str = "sft") -> TrlParser:
+def make_parser(objective: str = "sft", prog: str | None = None) -> TrlParser:
     config_cls = HSStarDPOConfig if objective == "dpo" else HSStarConfig
-    return TrlParser((HSStarScriptArguments, config_cls, ModelConfig))
+    return TrlParser((HSStarScriptArguments, config_cls, ModelConfig), prog=prog)
+
+
+def shipped(kind: str, name: str) -> str:
+    """A path, or the name of a config the package ships: ``kind`` is ``recipes`` (``toy_cpu``,
+    ``qwen2.5_math/1.5b_qlora_single``, ...) or ``accelerate`` (``multi_gpu``, ``deepspeed_zero3``, ...)."""
+    from importlib import resources
+
+    if os.path.exists(name):
+        return name
+    root = resources.files("trl_hsstar").joinpath("configs", kind)
+    candidate = root.joinpath(name if name.endswith(".yaml") else f"{name}.yaml")
+    if not candidate.is_file():
+        names = sorted(
+            str(p.relative_to(str(root)))[: -len(".yaml")] for p in Path(str(root)).rglob("*.yaml")
+        )
+        raise ValueError(f"{name!r} is neither a file nor one of the shipped {kind} configs: {names}.")
+    return str(candidate)
 
 
 def _peek_objective(argv: Sequence[str]) -> str:
@@ -94,9 +119,85 @@ def _peek_objective(argv: Sequence[str]) -> str:
     return "sft"
 
 
+GRPO_RENAMES = {"num_generations": "sampling_budget"}
+"""GRPOConfig fields with an HS-STaR meaning: G samples per prompt is B, the budget per problem."""
+
+GRPO_REASONS = {
+    "vllm_group_port": "weights reach a vLLM server by an in-place reload (`hsstar vllm-serve`), not an NCCL group",
+    "steps_per_generation": "each iteration samples all its problems, then trains on them for `num_train_epochs`",
+    "log_completions": "a table of each iteration's completions goes to the trackers of `report_to` anyway",
+    "num_completions_to_print": "a table of each iteration's completions goes to the trackers of `report_to`",
+}
+
+
+def _grpo_only_fields(objective: str) -> set[str]:
+    import dataclasses
+
+    from trl import GRPOConfig
+
+    ours = {
+        f.name
+        for c in (HSStarScriptArguments, HSStarDPOConfig if objective == "dpo" else HSStarConfig, ModelConfig)
+        for f in dataclasses.fields(c)
+    }
+    return {f.name for f in dataclasses.fields(GRPOConfig)} - ours
+
+
+def _grpo_error(key: str) -> ValueError:
+    why = GRPO_REASONS.get(
+        key, "HS-STaR samples a whole iteration, then trains on it with SFT or DPO, not GRPO's loss"
+    )
+    return ValueError(
+        f"`{key}` is a GRPOConfig field with no meaning in HS-STaR ({why}): remove it. HS-STaR's sampling fields are "
+        "sampling_budget (GRPO's num_generations), num_presamples, resample_rounds, temperature, top_p, top_k, min_p, "
+        "max_completion_length; see docs/trainer.md, 'From TRL'."
+    )
+
+
+def translate_grpo(argv: Sequence[str], objective: str) -> list[str]:
+    """A GRPO recipe's arguments in HS-STaR's names: ``num_generations`` becomes ``sampling_budget``; any other
+    GRPO-only field is refused, naming the HS-STaR field to use. A YAML given with ``--config`` that needs renaming
+    is rewritten to a temporary file."""
+    import tempfile
+
+    import yaml
+
+    grpo = _grpo_only_fields(objective)
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        key = arg[2:].split("=", 1)[0] if arg.startswith("--") else None
+        if key in GRPO_RENAMES:
+            argv[i] = arg.replace(key, GRPO_RENAMES[key], 1)
+        elif key in grpo:
+            raise _grpo_error(key)
+    if "--config" not in argv:
+        return argv
+    at = argv.index("--config") + 1
+    with open(argv[at], encoding="utf-8") as f:
+        config = yaml.safe_load(f) or {}
+    if not isinstance(config, dict) or not grpo & set(config):
+        return argv
+    for key in sorted(grpo & set(config)):
+        if key not in GRPO_RENAMES:
+            raise _grpo_error(key)
+        if GRPO_RENAMES[key] in config:
+            raise ValueError(
+                f"The config sets both `{key}` and `{GRPO_RENAMES[key]}` (the same field): keep one."
+            )
+        config[GRPO_RENAMES[key]] = config.pop(key)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False, encoding="utf-8") as f:
+        yaml.safe_dump(config, f)
+    argv[at] = f.name
+    return argv
+
+
 def parse(argv: Sequence[str] | None = None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    return make_parser(_peek_objective(argv)).parse_args_and_config(args=argv)
+    if "--config" in argv[:-1]:
+        at = argv.index("--config") + 1
+        argv[at] = shipped("recipes", argv[at])
+    objective = _peek_objective(argv)
+    return make_parser(objective).parse_args_and_config(args=translate_grpo(argv, objective))
 
 
 def _load_problems(script_args: HSStarScriptArguments, training_args):
@@ -171,22 +272,55 @@ def _as_chat(dataset, column: str, system: str | None):
     return dataset.rename_column(column, "prompt") if column != "prompt" else dataset
 
 
-def _load_reward_funcs(script_args: HSStarScriptArguments):
+TRL_REWARDS = (
+    "accuracy_reward",
+    "reasoning_accuracy_reward",
+    "think_format_reward",
+    "get_soft_overlong_punishment",
+)
+"""TRL's reward functions by name, as TRL's GRPO script resolves them."""
+
+
+def load_reward_func(spec: str, max_completion_length: int | None = None):
+    """A reward function named in a YAML: ``oracle`` (the toy world's step checker), one of TRL's rewards by
+    name (:data:`TRL_REWARDS`), or an import path, ``package.module.function`` (as TRL's GRPO script reads it,
+    the working directory importable) or ``package.module:function``."""
+    if spec == "oracle":
+        from .toy.oracle import OracleStepReward
+
+        return OracleStepReward()
+    if spec in TRL_REWARDS:
+        import trl.rewards
+
+        if spec == "get_soft_overlong_punishment":  # a factory: GRPO's script sizes it for its completions
+            length = max_completion_length or 1280
+            return trl.rewards.get_soft_overlong_punishment(
+                max_completion_len=length, soft_punish_cache=length // 5
+            )
+        return getattr(trl.rewards, spec)
+    module, sep, name = spec.partition(":") if ":" in spec else spec.rpartition(".")
+    if not sep or not module or not name:
+        raise ValueError(
+            f"`reward_funcs` entry {spec!r} is not a reward function: give one of TRL's rewards {list(TRL_REWARDS)}, "
+            "'oracle', or an import path such as 'my_rewards.correctness' (or 'my_rewards:correctness')."
+        )
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # a rewards file beside the YAML, as with TRL's scripts
+    try:
+        func = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"`reward_funcs` entry {spec!r} cannot be imported: {error}.") from error
+    if not callable(func):
+        raise ValueError(f"`reward_funcs` entry {spec!r} is a {type(func).__name__}, not a function.")
+    return func
+
+
+def _load_reward_funcs(script_args: HSStarScriptArguments, training_args=None):
     funcs: list = []
     if script_args.reward_model_name_or_path:
         funcs.append(script_args.reward_model_name_or_path)
-    for spec in script_args.reward_funcs or []:
-        if spec == "oracle":
-            from .toy.oracle import OracleStepReward
-
-            funcs.append(OracleStepReward())
-            continue
-        module, _, name = spec.partition(":")
-        if not name:
-            raise ValueError(
-                f"`reward_funcs` entry {spec!r} must look like 'package.module:function' (or 'oracle')."
-            )
-        funcs.append(getattr(importlib.import_module(module), name))
+    length = getattr(training_args, "max_completion_length", None)
+    funcs += [load_reward_func(spec, length) for spec in script_args.reward_funcs or []]
     return funcs or None
 
 
@@ -194,11 +328,11 @@ def main(script_args: HSStarScriptArguments, training_args, model_args: ModelCon
     """Build the trainer from parsed arguments and run the HS-STaR loop."""
     from trl import get_peft_config, get_quantization_config
 
-    from .trainer import HSStarDPOTrainer, HSStarTrainer
+    from .trainer import HSStarDPOTrainer, HSStarTrainer, iteration_table
 
     problems = _load_problems(script_args, training_args)
     eval_problems = _load_eval_problems(script_args, training_args, problems)
-    reward_funcs = _load_reward_funcs(script_args)
+    reward_funcs = _load_reward_funcs(script_args, training_args)
 
     model = model_args.model_name_or_path
     if model == "toy":
@@ -225,36 +359,79 @@ def main(script_args: HSStarScriptArguments, training_args, model_args: ModelCon
         train_dataset=problems,
         eval_dataset=eval_problems,
         reward_funcs=reward_funcs,
+        reward_weights=script_args.reward_weights,
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
     )
     trainer.train()
     trainer.save_model(training_args.output_dir)
-    trainer.accelerator.print(
-        f"HS-STaR finished: {len(trainer.iteration_stats)} iterations, model in {training_args.output_dir}"
-    )
+    done = len(trainer.iteration_stats)
+    if not trainer.iterations_run:
+        trainer.accelerator.print(
+            f"HS-STaR: nothing to do, this run finished earlier ({done} iterations); model in "
+            f"{training_args.output_dir}"
+        )
+    else:
+        trainer.accelerator.print(f"HS-STaR finished: {done} iterations, model in {training_args.output_dir}")
     initial = os.path.join(training_args.output_dir, "eval-initial", "eval_summary.json")
     if eval_problems is not None and os.path.exists(initial):
         with open(initial, encoding="utf-8") as f:
             trainer.accelerator.print(
-                f"  held-out greedy accuracy before the first iteration: {json.load(f)['greedy']:.3f}"
+                f"held-out greedy accuracy before the first iteration: {json.load(f)['greedy']:.3f}"
             )
+    trainer.accelerator.print(iteration_table(trainer.iteration_stats))
     for stats in trainer.iteration_stats:
-        trainer.accelerator.print(
-            f"  iteration {stats['iteration']}: levels {stats['levels']}, budget {stats['budget_spent']}/"
-            f"{stats['budget_planned']}, rows {stats['rows']}, pre-sample accuracy {stats['presample_accuracy']:.3f}"
-        )
-        if stats.get("eval"):
-            trainer.accelerator.print(f"    held-out greedy accuracy after it: {stats['eval']['greedy']:.3f}")
         for warning in stats.get("warnings", []):
-            trainer.accelerator.print(f"    warning: {warning}")
+            trainer.accelerator.print(f"warning (iteration {stats['iteration']}): {warning}")
     if hasattr(trainer, "end"):
         trainer.end()
     return trainer
 
 
-def run(argv: Sequence[str] | None = None) -> int:
+def _without(args: list[str], subsequence: list[str]) -> list[str]:
+    """``args`` without the ordered ``subsequence`` (the launch arguments the parser did not know)."""
+    it, out = iter(subsequence), []
+    current = next(it, None)
+    for item in args:
+        if current is not None and item == current:
+            current = next(it, None)
+        else:
+            out.append(item)
+    return out
+
+
+def run(argv: Sequence[str] | None = None, launch: bool = True) -> int:
+    """``hsstar train``: parse the recipe; arguments it does not know (``--num_processes 2``,
+    ``--accelerate_config multi_gpu``, in the YAML or on the command line) go to ``accelerate launch``, which runs
+    this module in each process, as ``trl sft`` does. Without any, the run happens in this process."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    script_args, training_args, model_args = parse(argv)
-    main(script_args, training_args, model_args)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" in argv[:-1]:
+        at = argv.index("--config") + 1
+        argv[at] = shipped("recipes", argv[at])
+    objective = _peek_objective(argv)
+    argv = translate_grpo(argv, objective)
+    *parsed, config_rest, cli_rest = make_parser(objective, prog="hsstar train").parse_args_and_config(
+        args=argv, return_remaining_strings=True, separate_remaining_strings=True
+    )
+    if not launch:  # a process accelerate started: the launch settings were its parent's
+        if cli_rest:
+            raise SystemExit(f"unrecognized arguments: {' '.join(cli_rest)}")
+        main(*parsed)
+        return 0
+    if not config_rest and not cli_rest:
+        main(*parsed)
+        return 0
+    from accelerate.commands.launch import launch_command, launch_command_parser
+
+    launch_args = config_rest + cli_rest
+    if "--accelerate_config" in launch_args[:-1]:
+        at = launch_args.index("--accelerate_config")
+        launch_args[at : at + 2] = ["--config_file", shipped("accelerate", launch_args[at + 1])]
+    command = [*launch_args, "--module", "trl_hsstar.recipe", *_without(argv, cli_rest)]
+    launch_command(launch_command_parser().parse_args(command))
     return 0
+
+
+if __name__ == "__main__":  # each process of `hsstar train --num_processes N ...`
+    sys.exit(run(launch=False))

@@ -23,6 +23,7 @@ The pure helpers (:func:`aggregate_step_rewards`, :func:`split_steps`, :func:`ch
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import numbers
 import sys
@@ -31,6 +32,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._utils import eval_mode
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -126,12 +129,12 @@ def check_rewards(values: Any, n: int, name: str) -> list[float | None]:
     """Validate what reward source ``name`` returned for ``n`` completions; return it as floats / ``None``.
 
     A valid output is a list (or tuple) of ``n`` values, each a finite real number or ``None`` (bools are not
-    numbers). Numpy scalars are accepted and converted to ``float``.
+    numbers). Numpy scalars are accepted and converted to ``float``. NaN means what ``None`` means, "cannot score
+    this completion" (as in GRPOTrainer), and becomes ``None`` with a warning.
 
     Raises:
         ValueError: naming the source and what is wrong, e.g. ``"reward function 'my_fn' returned 3 values
-            for 4 completions"`` or ``"reward function 'my_fn' returned NaN at index 2: return None for a
-            completion it cannot score"``.
+            for 4 completions"``.
     """
     who = f"reward function {name!r}"
     if not isinstance(values, list | tuple):
@@ -142,6 +145,7 @@ def check_rewards(values: Any, n: int, name: str) -> list[float | None]:
     if len(values) != n:
         raise ValueError(f"{who} returned {len(values)} values for {n} completions")
     out: list[float | None] = []
+    nan = 0
     for i, v in enumerate(values):
         if v is None:
             out.append(None)
@@ -152,11 +156,17 @@ def check_rewards(values: Any, n: int, name: str) -> list[float | None]:
                 "or None"
             )
         x = float(v)
-        if math.isnan(x):
-            raise ValueError(f"{who} returned NaN at index {i}: return None for a completion it cannot score")
+        if math.isnan(x):  # GRPOTrainer's reading of None; one policy for one source or many
+            out.append(None)
+            nan += 1
+            continue
         if math.isinf(x):
             raise ValueError(f"{who} returned {x} at index {i}: rewards must be finite")
         out.append(x)
+    if nan:
+        logger.warning(
+            "%s returned NaN for %d of %d completions: they count as unscored (None).", who, nan, n
+        )
     return out
 
 
@@ -203,7 +213,9 @@ class CombinedReward(RewardSource):
         n = len(completions)
         totals: list[float | None] = [None] * n
         for source, weight in zip(self.sources, self.weights, strict=True):
-            values = check_rewards(source(prompts, completions, **columns), n, reward_source_name(source))
+            values = check_rewards(
+                source(prompts=prompts, completions=completions, **columns), n, reward_source_name(source)
+            )
             for i, v in enumerate(values):
                 if v is not None:
                     totals[i] = (totals[i] or 0.0) + weight * v

@@ -1,19 +1,19 @@
 """The run's reward: the reward sources of ``reward_funcs`` loaded once, combined, checked, and the thresholds.
 
 What a user passes (a process or outcome reward model, its Hub id or path, TRL-style reward functions, with
-weights) becomes one ``score_fn(prompts, completions, **columns) -> list[float | None]``. A NaN counts as "cannot
-score" (None) so that one strange completion does not stop a run hours in; the source is called once on a real
-problem before any sampling so that a wrong output fails at once.
+weights) becomes one ``score_fn(prompts, completions, **columns) -> list[float | None]`` that calls each source
+exactly as GRPOTrainer calls a reward function. A NaN counts as "cannot score" (None), whatever the number of
+sources, so that one strange completion does not stop a run hours in; the source is called once on a real problem
+before any sampling so that a wrong output fails at once.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 
 from .difficulty import lookup_thresholds
-from .rewards import as_reward_source, check_rewards, combine_rewards
+from .rewards import as_reward_source, check_rewards, combine_rewards, reward_source_name
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ class RunRewards:
         self.weights = list(weights) if weights is not None else None
         self.args = args
         self.thresholds = self._thresholds(funcs)
+        self.metrics: dict[str, list[float]] = {}
+        self.extra: dict[str, dict] = {}  # completion text -> the columns reward functions logged for it
 
     def _thresholds(self, funcs) -> tuple[float, float] | None:
         args = self.args
@@ -72,8 +74,12 @@ class RunRewards:
             )
         return found[0]
 
-    def score_fn(self, device) -> Callable | None:
-        """The combined score function, its sources loaded onto ``device`` (``None`` without reward sources)."""
+    def score_fn(self, device, tokenizer=None, state: Callable | None = None) -> Callable | None:
+        """The combined score function, its sources loaded onto ``device`` (``None`` without reward sources).
+
+        Each source is called as GRPOTrainer calls a reward function; ``completion_ids`` are the completions
+        tokenized with ``tokenizer`` (the policy's), ``trainer_state`` is ``state()``.
+        """
         if not self.specs:
             return None
         sources = []
@@ -104,25 +110,42 @@ class RunRewards:
         name = getattr(combined, "name", None) or getattr(combined, "__name__", "reward")
 
         def score_fn(prompts, completions, **columns):
-            values = combined(prompts, completions, **columns)
-            if isinstance(values, (list, tuple)):
-                # NaN (e.g. an overflow on a strange completion) counts as "cannot score", like None: one bad
-                # completion must not stop a run hours in. Counted in the iteration's `scores_missing`.
-                nan = [i for i, v in enumerate(values) if isinstance(v, float) and math.isnan(v)]
-                if nan:
-                    logger.warning(
-                        "reward source %r returned NaN for %d of %d completions: they count as unscored (None).",
-                        name,
-                        len(nan),
-                        len(values),
-                    )
-                    values = [None if i in set(nan) else v for i, v in enumerate(values)]
-            return check_rewards(values, len(completions), name)
+            # GRPOTrainer's call, by keyword: the ids of each completion, the trainer state, the two logging hooks
+            # and every dataset column under its own name
+            extra: dict[str, list] = {}
+            values = combined(
+                prompts=prompts,
+                completions=completions,
+                completion_ids=_completion_ids(tokenizer, completions),
+                trainer_state=state() if state is not None else None,
+                log_extra=lambda column, vals: extra.setdefault(column, []).extend(vals),
+                log_metric=lambda metric, value: self.metrics.setdefault(metric, []).append(float(value)),
+                **columns,
+            )
+            texts = _texts(completions)
+            for column, vals in extra.items():  # one value per completion, kept beside the completion's text
+                for text, value in zip(texts, vals):
+                    self.extra.setdefault(text, {})[column] = value
+            return check_rewards(
+                values, len(completions), name
+            )  # NaN becomes None, one policy for all sources
 
         return score_fn
 
-    @staticmethod
-    def probe(score_fn, problem: dict) -> None:
+    def pop_logs(self) -> tuple[dict[str, float], dict[str, dict]]:
+        """What reward functions logged through GRPO's hooks since the last call: the mean of each ``log_metric``
+        metric, and the ``log_extra`` columns by completion text (for the completions table); both are reset."""
+        metrics = {k: sum(v) / len(v) for k, v in self.metrics.items() if v}
+        extra, self.metrics, self.extra = self.extra, {}, {}
+        return metrics, extra
+
+    def describe(self) -> str | None:
+        """The reward sources by name, as the model card reports them (``None`` without any)."""
+        if not self.specs:
+            return None
+        return " + ".join(model_name(f) or reward_source_name(f) for f, _ in self.specs)
+
+    def probe(self, score_fn, problem: dict) -> None:
         """Call the reward source once on two tiny completions of a real problem, so that a reward function with
         the wrong output (length, type) fails here, before any sampling, and not hours into a run."""
         texts = [f"The answer is \\boxed{{{problem['answer']}}}.", ""]
@@ -132,14 +155,27 @@ class RunRewards:
             else [[{"role": "assistant", "content": t}] for t in texts]
         )
         columns = {k: [v] * 2 for k, v in problem["columns"].items()}
-        columns.setdefault("answer", [problem["answer"]] * 2)
         try:
             score_fn([problem["prompt"]] * 2, completions, **columns)
+            self.pop_logs()  # what the check logged is not the iteration's
         except Exception as error:
             raise ValueError(
                 f"The reward source failed its check on problem {problem['problem_id']!r} before sampling: {error}. "
                 "Fix the reward function (`reward_funcs`): it must return one float (or None) per completion."
             ) from error
+
+
+def _completion_ids(tokenizer, completions) -> list[list[int]] | None:
+    """Each completion's token ids (its text re-tokenized; a conversational completion's assistant content)."""
+    if tokenizer is None:
+        return None
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor's tokenizer
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in _texts(completions)]
+
+
+def _texts(completions) -> list[str]:
+    """A completion's text: itself, or a conversational completion's assistant content."""
+    return [c if isinstance(c, str) else "".join(str(m.get("content", "")) for m in c) for c in completions]
 
 
 def load_reward_model(name: str, args, device):

@@ -20,22 +20,36 @@ here fills a stand-in dataset or resets TRL's private state. The outer object is
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import math
 import os
+import re
+import shutil
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from datasets import Dataset
-from transformers import AutoTokenizer, PreTrainedModel, Trainer, TrainerControl, set_seed
+from transformers import (
+    AutoTokenizer,
+    DefaultFlowCallback,
+    PreTrainedModel,
+    PrinterCallback,
+    ProgressCallback,
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    set_seed,
+)
 from transformers.trainer_utils import TrainOutput
 from trl import DPOTrainer, SFTTrainer
 from trl.trainer.utils import create_model_from_path
 
 from . import artifacts as A
-from ._compat import load_checkpoint
+from ._compat import load_checkpoint, save_model_without_push
+from ._utils import quiet_progress_bars
 from .callbacks import emit
 from .config import HSStarConfig, HSStarDPOConfig
 from .data import (
@@ -48,6 +62,7 @@ from .data import (
 )
 from .distributed import AccelerateCollective
 from .evaluation import evaluate, save
+from .hub import model_card, upload_files
 from .models import resolve_model
 from .pipeline import PipelineEvents, PipelineSettings, run_iteration
 from .records import Problem
@@ -124,6 +139,24 @@ class _Events(PipelineEvents):
         return self.trainer._emit("on_rows_selected", self.iteration, rows=rows)
 
 
+class _PassRelay(TrainerCallback):
+    """Carries one training pass's logs and checkpoints over to the run, at the run's step: the steps of the
+    earlier passes plus this pass's own, so trackers draw one curve and checkpoint names never repeat."""
+
+    def __init__(self, trainer: _HSStarBase, offset: int):
+        self.trainer, self.offset = trainer, offset
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.trainer.state.global_step = self.offset + state.global_step
+        self.trainer._log_to_trackers(dict(logs or {}))
+
+    def on_save(self, args, state, control, **kwargs):
+        self.trainer.accelerator.wait_for_everyone()  # every process has written its part of the checkpoint
+        if state.is_world_process_zero:
+            src = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            self.trainer._publish_checkpoint(src, self.offset + state.global_step)
+
+
 class _HSStarBase(Trainer):
     """The loop both trainers share; a subclass names its objective and builds its TRL pass."""
 
@@ -166,7 +199,9 @@ class _HSStarBase(Trainer):
         )
 
         # -- the policy and its tokenizer
-        model = _load_policy(model, args, quantization_config, peft_config)
+        self.base_model_name = model_name(model)  # for the model card
+        with quiet_progress_bars() if args.disable_tqdm else contextlib.nullcontext():
+            model = _load_policy(model, args, quantization_config, peft_config)
         if processing_class is None:
             trust = (args.model_init_kwargs or {}).get("trust_remote_code", args.trust_remote_code)
             processing_class = AutoTokenizer.from_pretrained(model_name(model), trust_remote_code=trust)
@@ -177,6 +212,9 @@ class _HSStarBase(Trainer):
         self.generation = Generation(args, self.accelerator, processing_class, sampler)
         self.hsstar_control = TrainerControl()
         self.iteration_stats: list[dict] = []
+        self.pushed_model_dir: str | None = None  # the last model folder uploaded, so that none goes up twice
+        self.push_future = None
+        self.iterations_run = 0  # iterations computed by the last train() call (a resume skips finished ones)
 
     # -- the loop
 
@@ -203,13 +241,21 @@ class _HSStarBase(Trainer):
         score_fn, scored = None, False  # reward models load on the first iteration that needs them
         output = TrainOutput(global_step=0, training_loss=float("nan"), metrics={})
         self.iteration_stats = []
+        self.state.global_step = 0  # the run's step: every pass's steps, one after the other
+        self.iterations_run = 0
+        for callback in self._trackers():
+            callback.on_train_begin(args, self.state, self.control, model=self.model)
         pending_restore = None
+        quiet = contextlib.ExitStack()
+        if args.disable_tqdm:  # respected everywhere: datasets' and transformers' bars too
+            quiet.enter_context(quiet_progress_bars(datasets_too=True))
         try:
             for t in range(args.num_iterations):
                 store = A.IterationArtifacts(args.output_dir, t)
                 if store.done:  # resume: skip it, and load its model before the next one runs
                     pending_restore = store.model_dir
                     self.iteration_stats.append(store.read_json(A.STATS))
+                    self.state.global_step += self.iteration_stats[-1].get("train_steps", 0)
                     continue
                 if pending_restore is not None:
                     self._restore(pending_restore)
@@ -224,7 +270,10 @@ class _HSStarBase(Trainer):
                 if control.should_training_stop:
                     break
                 if not scored:
-                    score_fn, scored = self.rewards.score_fn(self.accelerator.device), True
+                    score_fn = self.rewards.score_fn(
+                        self.accelerator.device, self.processing_class, lambda: self.state
+                    )
+                    scored = True
                     if score_fn is not None:
                         self.rewards.probe(score_fn, self.iteration_problems[t][0])
 
@@ -249,6 +298,9 @@ class _HSStarBase(Trainer):
                     progress=not args.disable_tqdm,
                 )
                 stats = {"iteration": t, "sampler": sampler.name, **result.stats}
+                reward_metrics, reward_extra = self.rewards.pop_logs()  # what reward functions logged
+                if reward_metrics:
+                    stats["reward_metrics"] = reward_metrics
 
                 # train: one TRL pass on the selected rows
                 if stats["rows"] and not control.should_training_stop:
@@ -272,38 +324,143 @@ class _HSStarBase(Trainer):
                     store.write_json(A.STATS, stats)
                     store.mark_done()
                 self.iteration_stats.append(stats)
-                self.log(_flat_metrics(stats))
+                self._log_quietly(_flat_metrics(stats))
+                if self.is_world_process_zero():  # one row per iteration, not the raw dict of figures
+                    print(iteration_table([stats], header=not self.iterations_run), flush=True)
+                self.iterations_run += 1
+                self._log_completions(store, result.difficulties, reward_extra)
+                if args.push_to_hub and (args.hub_strategy != "end" or t == args.num_iterations - 1):
+                    self.push_to_hub(commit_message=f"HS-STaR iteration {t}", blocking=False)
                 self._emit("on_iteration_end", t, stats=stats)
                 if control.should_training_stop:
                     break
             if pending_restore is not None:
                 self._restore(pending_restore)
+            if not self.iterations_run and len(self.iteration_stats) == args.num_iterations:
+                logger.warning(
+                    "Nothing to do: this run finished earlier (%d iterations in %s); its last model is loaded. Pass "
+                    "a new `output_dir` to start another run.",
+                    args.num_iterations,
+                    args.output_dir,
+                )
         finally:
             if self.verifier is None:
                 verifier.close()
             self.generation.close()
-        return output
+            for callback in self._trackers():
+                callback.on_train_end(args, self.state, self.control, model=self.model)
+            if self.push_future is not None:  # the last upload finishes before train() returns
+                self.push_future.result()
+            quiet.close()
+        return TrainOutput(self.state.global_step, output.training_loss, output.metrics)
 
     # -- one TRL training pass
 
-    def _trl_trainer(self, dataset: Dataset, args) -> SFTTrainer | DPOTrainer:
+    def _trl_trainer(self, dataset: Dataset, args, callbacks: list) -> SFTTrainer | DPOTrainer:
         raise NotImplementedError  # each trainer builds its own
 
     def _train_pass(self, store: A.IterationArtifacts, iteration: int, **train_kwargs) -> TrainOutput:
         """Train on the iteration's rows with a TRL trainer built for them: a fresh optimizer and learning-rate
-        schedule per iteration, as each iteration of the release is a new run."""
+        schedule per iteration, as each iteration of the release is a new run. Its logs reach the run's trackers
+        and its checkpoints the run's ``output_dir`` at the run's step (:class:`_PassRelay`)."""
         columns = ["prompt", "completion"] if self.objective == "sft" else ["prompt", "chosen", "rejected"]
-        with (
-            self.accelerator.main_process_first()
-        ):  # one process fills the datasets cache, the others read it
+        # one process fills the datasets cache, the others read it; no bars for this bookkeeping
+        with self.accelerator.main_process_first(), quiet_progress_bars(datasets_too=True):
             dataset = Dataset.from_json(str(store.path(A.TRAIN_ROWS)), cache_dir=str(store.dir / ".cache"))
             dataset = dataset.select_columns(columns)
         args = copy.copy(self.args)
         args.model_init_kwargs = None  # the model is loaded already
-        trainer = self._trl_trainer(dataset, args)
+        args.output_dir = str(store.dir / "pass")  # its checkpoints move on to run-wide names
+        args.report_to = []  # the run's trackers get the pass's logs through the relay
+        args.push_to_hub = False  # the run pushes once per iteration end
+        args.save_total_limit = None  # applied over the run's checkpoints
+        offset = self.state.global_step
+        with quiet_progress_bars(datasets_too=True):  # TRL's tokenizing of a few hundred rows, not a phase
+            trainer = self._trl_trainer(dataset, args, [*self.user_callbacks, _PassRelay(self, offset)])
         output = trainer.train(**train_kwargs)
-        self.state = trainer.state  # the pass's steps and logs, for log() and the callbacks
+        self.state.global_step = offset + trainer.state.global_step
+        if self.accelerator.is_main_process:
+            shutil.rmtree(args.output_dir, ignore_errors=True)
         return output
+
+    def _trackers(self) -> list[TrainerCallback]:
+        """The run's ``report_to`` integrations: the callbacks that are neither the user's nor the terminal's."""
+        own = (DefaultFlowCallback, PrinterCallback, ProgressCallback, _PassRelay)
+        return [
+            c
+            for c in self.callback_handler.callbacks
+            if c not in self.user_callbacks and not isinstance(c, own)
+        ]
+
+    def _log_quietly(self, logs: dict) -> None:
+        """``Trainer.log`` for the loop's own figures: every callback but the terminal printers (the loop prints
+        its own table)."""
+        self.state.log_history.append({**logs, "step": self.state.global_step})
+        for callback in self.callback_handler.callbacks:
+            if not isinstance(callback, (PrinterCallback, ProgressCallback)):
+                callback.on_log(self.args, self.state, self.hsstar_control, logs=logs)
+
+    def _log_to_trackers(self, logs: dict) -> None:
+        """A training pass's log entry, at the run's step (the pass printed it and told the user's callbacks)."""
+        self.state.log_history.append({**logs, "step": self.state.global_step})
+        for callback in self._trackers():
+            callback.on_log(self.args, self.state, self.control, logs=logs)
+
+    def _log_completions(
+        self, store: A.IterationArtifacts, difficulties: dict, extra: dict, k: int = 8
+    ) -> None:
+        """A table of the iteration's first ``k`` pre-samples, for trackers that take tables (TensorBoard as
+        markdown text, Weights & Biases as a ``wandb.Table``), as GRPOTrainer logs its completions; the columns
+        reward functions logged with ``log_extra`` are added for the samples this process scored."""
+        if not self.is_world_process_zero() or not store.has(A.scored_file(0)):
+            return
+        rows = [
+            {
+                "problem_id": r["problem_id"],
+                "level": difficulties[r["problem_id"]].level.value if r["problem_id"] in difficulties else "",
+                "completion": r["completion"],
+                "correct": bool(r["correct"]),
+                "reward": r["reward"],
+            }
+            for r in store.read_jsonl(A.scored_file(0))[:k]
+        ]
+        columns = sorted({c for r in rows for c in extra.get(r["completion"], {})})
+        for r in rows:
+            r.update({c: extra.get(r["completion"], {}).get(c) for c in columns})
+        if not rows:
+            return
+        cell = lambda v: str(v).replace("|", "\\|").replace("\n", "<br>")  # noqa: E731
+        markdown = "\n".join(
+            ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+            + ["| " + " | ".join(cell(v) for v in r.values()) + " |" for r in rows]
+        )
+        for callback in self._trackers():
+            writer = getattr(callback, "tb_writer", None)
+            if writer is not None:
+                writer.add_text("hsstar/completions", markdown, self.state.global_step)
+                writer.flush()
+        if "wandb" in self.args.report_to:
+            import wandb
+
+            if wandb.run is not None:
+                table = wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])
+                wandb.log({"hsstar/completions": table})
+
+    def _publish_checkpoint(self, src: str, step: int) -> None:
+        """Move a pass's checkpoint to ``output_dir/checkpoint-<run step>``; keep the newest ``save_total_limit``."""
+        dst = os.path.join(self.args.output_dir, f"checkpoint-{step}")
+        if os.path.isdir(dst):  # left by an interrupted attempt at this iteration
+            shutil.rmtree(dst)
+        os.replace(src, dst)
+        limit = self.args.save_total_limit
+        if limit:
+            steps = sorted(
+                int(m.group(1))
+                for n in os.listdir(self.args.output_dir)
+                if (m := re.fullmatch(r"checkpoint-(\d+)", n))
+            )
+            for old in steps[: max(len(steps) - limit, 0)]:
+                shutil.rmtree(os.path.join(self.args.output_dir, f"checkpoint-{old}"), ignore_errors=True)
 
     # -- pieces
 
@@ -311,6 +468,8 @@ class _HSStarBase(Trainer):
         """Greedy (and ``eval_num_samples``-sample) accuracy on the held-out problems, on the main process; the
         rows and summary are saved in ``output_dir``, the figures logged as ``eval/...``."""
         args, summary = self.args, None
+        if hasattr(sampler, "progress"):  # here the sampler's bar is the only one
+            sampler.progress = not args.disable_tqdm
         if self.accelerator.is_main_process:
             problems = [
                 Problem(r["problem_id"], r["prompt"], self._render(r["prompt"]), r["answer"], r["columns"])
@@ -325,29 +484,93 @@ class _HSStarBase(Trainer):
                 top_p=args.top_p,
                 max_new_tokens=args.max_completion_length,
                 seed=args.seed,
+                sampling=self._sampling_knobs(),
             )
             save(rows, summary, output_dir)
-            self.log({f"eval/{k}": v for k, v in summary.items() if "@" in k or k == "greedy"})
+            self._log_quietly({f"eval/{k}": v for k, v in summary.items() if "@" in k or k == "greedy"})
+        if hasattr(sampler, "progress"):
+            sampler.progress = False
         self.accelerator.wait_for_everyone()
         return summary
 
     def _restore(self, model_dir) -> None:
         logger.info("Resuming: loading the model of the last completed iteration from %s", model_dir)
-        load_checkpoint(self, model_dir)
+        with quiet_progress_bars():
+            load_checkpoint(self, model_dir)
 
     def _save_iteration_model(self, store: A.IterationArtifacts) -> None:
         # every process calls save_model (sharded weights are gathered), only the main one writes
         tmp = store.tmp_dir(A.MODEL, create=self.accelerator.is_main_process)
-        self.save_model(str(tmp))
+        with quiet_progress_bars():
+            save_model_without_push(self, str(tmp))  # the run pushes once per iteration end, not per save
         if self.accelerator.is_main_process:
             store.publish_dir(tmp, A.MODEL)
         self.accelerator.wait_for_everyone()
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """``Trainer.save_model``, without progress bars under ``disable_tqdm``; with ``push_to_hub``, the upload
+        is :meth:`push_to_hub`'s (the last iteration's model, once)."""
+        with quiet_progress_bars() if self.args.disable_tqdm else contextlib.nullcontext():
+            super().save_model(output_dir, _internal_call)
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token=None,
+        revision=None,
+        **kwargs,
+    ):
+        """Upload the model of the last finished iteration (full weights or adapter) with its model card.
+
+        Only the model folder goes up (:func:`~trl_hsstar.hub.upload_files`: no caches, samples or partial
+        folders), and a folder already uploaded is not uploaded again. Returns what ``HfApi.upload_folder``
+        returns (a future when ``blocking=False``), or ``None`` when there was nothing new to push.
+        """
+        from huggingface_hub import HfApi
+        from peft import PeftModel
+
+        if not self.is_world_process_zero():
+            return None
+        if not self.iteration_stats:
+            raise ValueError(
+                "push_to_hub: no HS-STaR iteration has finished yet, so there is no model to push."
+            )
+        folder = A.IterationArtifacts(self.args.output_dir, self.iteration_stats[-1]["iteration"]).model_dir
+        if str(folder) == self.pushed_model_dir:
+            return None
+        if self.push_future is not None:  # one upload at a time
+            self.push_future.result()
+        card = model_card(
+            repo_id=self.hub_model_id,
+            base_model=self.base_model_name,
+            objective=self.objective,
+            reward_source=self.rewards.describe(),
+            iteration_stats=self.iteration_stats,
+            allocation=self.args.allocation,
+            adapter=isinstance(self.model, PeftModel),
+        )
+        A.atomic_write_text(os.path.join(folder, "README.md"), card)
+        result = HfApi().upload_folder(
+            repo_id=self.hub_model_id,
+            folder_path=str(folder),
+            allow_patterns=upload_files(folder),
+            commit_message=commit_message,
+            token=token if token is not None else self.args.hub_token,
+            revision=revision if revision is not None else self.args.hub_revision,
+            run_as_future=not blocking,
+        )
+        self.pushed_model_dir = str(folder)
+        self.push_future = None if blocking else result
+        return result
 
     def _render(self, prompt: Any) -> str:
         if isinstance(prompt, str):
             return prompt
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            prompt, tokenize=False, add_generation_prompt=True, **(self.args.chat_template_kwargs or {})
+        )
 
     def _emit(self, event: str, iteration: int, **payload):
         return emit(
@@ -382,8 +605,19 @@ class _HSStarBase(Trainer):
                 top_p=args.top_p,
                 max_new_tokens=args.max_completion_length,
                 seed=args.seed + 1000 * (iteration + 1),
+                **self._sampling_knobs(),
             ),
         )
+
+    def _sampling_knobs(self) -> dict:
+        """GRPOConfig's other sampling fields, where they are set."""
+        args = self.args
+        return {
+            "top_k": args.top_k,
+            "min_p": args.min_p,
+            "repetition_penalty": args.repetition_penalty,
+            "generation_kwargs": args.generation_kwargs,
+        }
 
     def _manifest(self) -> dict:
         """The settings that shape the data: a resume must match them (see :class:`~trl_hsstar.artifacts.RunManifest`)."""
@@ -410,7 +644,37 @@ class _HSStarBase(Trainer):
             "max_completion_length": args.max_completion_length,
             "last_number_fallback": args.last_number_fallback,
             "seed": args.seed,
+            # in the manifest only when set, so that runs started before these fields existed still resume
+            **{
+                k: v
+                for k, v in {
+                    **self._sampling_knobs(),
+                    "chat_template_kwargs": args.chat_template_kwargs,
+                }.items()
+                if v not in (None, 0, 1.0)
+            },
         }
+
+
+def iteration_table(stats_list: list[dict], header: bool = True) -> str:
+    """The iterations as a small table: levels, budget, rows, accuracy, loss and held-out accuracy."""
+    rows = []
+    if header:
+        rows.append(
+            f"{'iteration':>9}  {'easy/boundary/hard':>18}  {'budget':>11}  {'rows':>5}  {'pre-acc':>7}  "
+            f"{'loss':>7}  {'held-out':>8}"
+        )
+    for s in stats_list:
+        lv = s.get("levels", {})
+        loss = s.get("train_loss")
+        held = (s.get("eval") or {}).get("greedy")
+        rows.append(
+            f"{s['iteration']:>9}  {str(lv.get('easy', 0)) + '/' + str(lv.get('boundary', 0)) + '/' + str(lv.get('hard', 0)):>18}  "
+            f"{str(s.get('budget_spent')) + '/' + str(s.get('budget_planned')):>11}  {s.get('rows', 0):>5}  "
+            f"{s.get('presample_accuracy', float('nan')):>7.3f}  {'-' if loss is None else f'{loss:.4f}':>7}  "
+            f"{'-' if held is None else f'{held:.3f}':>8}"
+        )
+    return "\n".join(rows)
 
 
 def _flat_metrics(stats: dict) -> dict[str, float]:
@@ -468,13 +732,13 @@ class HSStarTrainer(_HSStarBase):
     ):
         super().__init__(model, args, train_dataset, reward_funcs, **kwargs)
 
-    def _trl_trainer(self, dataset: Dataset, args) -> SFTTrainer:
+    def _trl_trainer(self, dataset: Dataset, args, callbacks: list) -> SFTTrainer:
         return SFTTrainer(
             model=self.model,
             args=args,
             train_dataset=dataset,
             processing_class=self.processing_class,
-            callbacks=self.user_callbacks,
+            callbacks=callbacks,
             **self.trl_kwargs,
         )
 
@@ -509,7 +773,7 @@ class HSStarDPOTrainer(_HSStarBase):
         self.ref_model = ref_model
         super().__init__(model, args, train_dataset, reward_funcs, **kwargs)
 
-    def _trl_trainer(self, dataset: Dataset, args) -> DPOTrainer:
+    def _trl_trainer(self, dataset: Dataset, args, callbacks: list) -> DPOTrainer:
         from peft import PeftModel
 
         if self.ref_model is None and isinstance(self.model, PeftModel) and "ref" in self.model.peft_config:
@@ -522,6 +786,6 @@ class HSStarDPOTrainer(_HSStarBase):
             args=args,
             train_dataset=dataset,
             processing_class=self.processing_class,
-            callbacks=self.user_callbacks,
+            callbacks=callbacks,
             **self.trl_kwargs,
         )

@@ -8,6 +8,23 @@ import signal
 import subprocess
 
 
+def cpu_launch_args(num_processes: int) -> list[str]:
+    """``accelerate launch`` arguments for ``num_processes`` CPU processes on this machine (gloo)."""
+    return [
+        "--multi_gpu",
+        "--num_processes",
+        str(num_processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+    ]
+
+
 def run_group(cmd: list[str], *, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
     """``subprocess.run(cmd, capture_output=True, text=True)`` in a process group of its own, killed whole when it
     ends, times out, or the test is stopped (pytest-timeout): a launcher's worker processes never outlive it

@@ -49,20 +49,35 @@ class SamplingParams:
     """How to sample.
 
     Args:
-        temperature: softmax temperature; ``0`` means greedy decoding (then ``top_p`` is unused).
-        top_p: nucleus sampling probability, in ``(0, 1]``. No other truncation is applied (no top-k).
+        temperature: softmax temperature; ``0`` means greedy decoding (then the truncations are unused).
+        top_p: nucleus sampling probability, in ``(0, 1]``.
         max_new_tokens: the most tokens generated per completion (EOS included).
         seed: seeds the sampling RNG for the call: the same seed gives the same completions on the same
             machine, backend and batching. ``None`` uses (and advances) the backend's global RNG.
+        top_k: keep the ``top_k`` most likely tokens; ``0`` (the default) keeps all.
+        min_p: drop tokens less likely than ``min_p`` times the most likely one; ``None`` drops none.
+        repetition_penalty: ``1.0`` (the default) is none.
+        generation_kwargs: more arguments for the backend (``generate`` or vLLM's ``SamplingParams``); they
+            override the fields above.
     """
 
     temperature: float = 0.7
     top_p: float = 0.95
     max_new_tokens: int = 512
     seed: int | None = None
+    top_k: int = 0
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    generation_kwargs: dict | None = None
 
     def __post_init__(self) -> None:
         _check_params(self.temperature, self.top_p, self.max_new_tokens, self.seed)
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"`top_k` must be an integer >= 0 (0 keeps every token), got {self.top_k!r}.")
+        if self.min_p is not None and not (isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1):
+            raise ValueError(f"`min_p` must be in [0, 1] or None, got {self.min_p!r}.")
+        if not (isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0):
+            raise ValueError(f"`repetition_penalty` must be positive, got {self.repetition_penalty!r}.")
 
     @property
     def greedy(self) -> bool:

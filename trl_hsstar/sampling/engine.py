@@ -51,7 +51,7 @@ class Generation:
                 self.processing_class,
                 batch_size=self.args.generation_batch_size,
                 accelerator=self.accelerator,
-                progress=not self.args.disable_tqdm,
+                progress=False,  # the loop's bar of each phase counts the samples: no bar inside a bar
             )
         if self.engine is None:
             self.engine = self._start_vllm()

@@ -206,14 +206,20 @@ class TransformersSampler(Sampler):
         kwargs: dict[str, Any] = {
             "max_new_tokens": params.max_new_tokens,
             "return_dict_in_generate": False,
-            "repetition_penalty": 1.0,
+            "repetition_penalty": float(params.repetition_penalty),
         }
         if params.greedy:
             kwargs["do_sample"] = False
         else:
             kwargs.update(
-                do_sample=True, temperature=float(params.temperature), top_p=float(params.top_p), top_k=0
+                do_sample=True,
+                temperature=float(params.temperature),
+                top_p=float(params.top_p),
+                top_k=params.top_k,
             )
+            if params.min_p is not None:
+                kwargs["min_p"] = float(params.min_p)
+        kwargs.update(params.generation_kwargs or {})
         if self.stop_strings:
             kwargs.update(stop_strings=list(self.stop_strings), tokenizer=self.tokenizer)
 

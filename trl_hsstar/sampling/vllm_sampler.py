@@ -80,6 +80,10 @@ def vllm_request(tokenizer, prompts: Sequence[str], num_samples: Sequence[int], 
         "top_p": params.top_p,
         "max_tokens": params.max_new_tokens,
         "stop": list(stop or []),
+        "top_k": params.top_k if params.top_k > 0 else -1,
+        "min_p": float(params.min_p or 0.0),
+        "repetition_penalty": float(params.repetition_penalty),
+        "extra": dict(params.generation_kwargs or {}),  # vLLM SamplingParams fields, overriding the above
     }
     return wanted, ids, seeds, fields
 

@@ -286,6 +286,10 @@ class VLLMServerSampler(VLLMBackend):
             "seed": seed,
             "skip_special_tokens": True,
             "return_token_ids": True,
+            "top_k": fields.get("top_k", -1),
+            "min_p": fields.get("min_p", 0.0),
+            "repetition_penalty": fields.get("repetition_penalty", 1.0),
+            **(fields.get("extra") or {}),  # the user's generation_kwargs override the rest
         }
         reply = self._post("/v1/completions", body)
         choices = sorted(reply["choices"], key=lambda c: c.get("index", 0))

@@ -40,17 +40,20 @@ import traceback
 def _sampling_params(params: dict, seed, n: int = 1):
     from vllm import SamplingParams
 
-    return SamplingParams(
+    fields = dict(
         n=n,
         temperature=float(params["temperature"]),
         top_p=float(params["top_p"]) if params["temperature"] > 0 else 1.0,
         top_k=params.get("top_k", -1),
+        min_p=float(params.get("min_p", 0.0)),
         max_tokens=int(params["max_tokens"]),
         stop=params.get("stop") or None,
         seed=seed,
         skip_special_tokens=True,
-        repetition_penalty=1.0,
+        repetition_penalty=float(params.get("repetition_penalty", 1.0)),
     )
+    fields.update(params.get("extra") or {})  # the user's generation_kwargs override the rest
+    return SamplingParams(**fields)
 
 
 def retie_word_embeddings(worker) -> bool:
