@@ -69,3 +69,20 @@ def test_vllm_serve_hands_unknown_arguments_to_the_server(monkeypatch, capsys):
     assert seen["model"] == "m" and seen["port"] == 8123 and seen["host"] == "127.0.0.1"
     assert seen["args"] == ["--tensor-parallel-size", "2", "--enable-lora"] and seen["closed"]
     assert "vllm_server_base_url: http://127.0.0.1:8123" in capsys.readouterr().out
+
+
+def test_eval_help_documents_the_command(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["eval", "--help"])
+    assert exit.value.code == 0
+    out = capsys.readouterr().out
+    for flag in (
+        "--model",
+        "--dataset",
+        "--k",
+        "--group-by",
+        "--use-vllm",
+        "--chat-template-kwargs",
+        "--output-dir",
+    ):
+        assert flag in out
