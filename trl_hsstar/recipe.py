@@ -191,13 +191,19 @@ def translate_grpo(argv: Sequence[str], objective: str) -> list[str]:
     return argv
 
 
-def parse(argv: Sequence[str] | None = None):
-    argv = sys.argv[1:] if argv is None else list(argv)
+def _prepare(argv: Sequence[str] | None) -> tuple[list[str], str]:
+    """The arguments with a shipped recipe's name made a path and GRPO's names made HS-STaR's, and the objective."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" in argv[:-1]:
         at = argv.index("--config") + 1
         argv[at] = shipped("recipes", argv[at])
     objective = _peek_objective(argv)
-    return make_parser(objective).parse_args_and_config(args=translate_grpo(argv, objective))
+    return translate_grpo(argv, objective), objective
+
+
+def parse(argv: Sequence[str] | None = None):
+    argv, objective = _prepare(argv)
+    return make_parser(objective).parse_args_and_config(args=argv)
 
 
 def _load_problems(script_args: HSStarScriptArguments, training_args):
@@ -405,12 +411,7 @@ def run(argv: Sequence[str] | None = None, launch: bool = True) -> int:
     ``--accelerate_config multi_gpu``, in the YAML or on the command line) go to ``accelerate launch``, which runs
     this module in each process, as ``trl sft`` does. Without any, the run happens in this process."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--config" in argv[:-1]:
-        at = argv.index("--config") + 1
-        argv[at] = shipped("recipes", argv[at])
-    objective = _peek_objective(argv)
-    argv = translate_grpo(argv, objective)
+    argv, objective = _prepare(argv)
     *parsed, config_rest, cli_rest = make_parser(objective, prog="hsstar train").parse_args_and_config(
         args=argv, return_remaining_strings=True, separate_remaining_strings=True
     )

@@ -148,7 +148,7 @@ class _PassRelay(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         self.trainer.state.global_step = self.offset + state.global_step
-        self.trainer._log_to_trackers(dict(logs or {}))
+        self.trainer._log_quietly(dict(logs or {}), trackers_only=True)
 
     def on_save(self, args, state, control, **kwargs):
         self.trainer.accelerator.wait_for_everyone()  # every process has written its part of the checkpoint
@@ -392,19 +392,14 @@ class _HSStarBase(Trainer):
             if c not in self.user_callbacks and not isinstance(c, own)
         ]
 
-    def _log_quietly(self, logs: dict) -> None:
-        """``Trainer.log`` for the loop's own figures: every callback but the terminal printers (the loop prints
-        its own table)."""
+    def _log_quietly(self, logs: dict, trackers_only: bool = False) -> None:
+        """``Trainer.log`` at the run's step without the terminal printers (the loop prints its own table); with
+        ``trackers_only``, a training pass's entry (the pass printed it and told the user's callbacks)."""
         self.state.log_history.append({**logs, "step": self.state.global_step})
-        for callback in self.callback_handler.callbacks:
+        callbacks = self._trackers() if trackers_only else self.callback_handler.callbacks
+        for callback in callbacks:
             if not isinstance(callback, (PrinterCallback, ProgressCallback)):
                 callback.on_log(self.args, self.state, self.hsstar_control, logs=logs)
-
-    def _log_to_trackers(self, logs: dict) -> None:
-        """A training pass's log entry, at the run's step (the pass printed it and told the user's callbacks)."""
-        self.state.log_history.append({**logs, "step": self.state.global_step})
-        for callback in self._trackers():
-            callback.on_log(self.args, self.state, self.control, logs=logs)
 
     def _log_completions(
         self, store: A.IterationArtifacts, difficulties: dict, extra: dict, k: int = 8
