@@ -4,7 +4,9 @@ The same M_0, PRM, held-out problems, training problems and seeds for every meth
 ``sampling_budget`` samples per problem on average. Three studies:
 
 * main: by default hsstar (the release's rule) against uniform (STaR/RFT), SFT and DPO, 5 seeds, with the paired
-  difference per seed and its 95% interval; ``--methods`` adds prop2diff (DART-Math) and band (pass-rate band);
+  difference per seed and its 95% interval; ``--methods`` adds prop2diff (DART-Math), band (pass-rate band),
+  knapsack (Knapsack RL, Li et al. 2025, arXiv 2509.25849) and hsstar_adaptive (the budget over four rounds, a
+  problem dropped once it has its quota of rows);
 * utility: the re-sampling budget (and the training) on easy, boundary or hard problems only (SFT);
 * n_p sweep: hsstar with n_p pre-samples from 0 to B (SFT).
 
@@ -14,7 +16,7 @@ between ``<!-- bench_methods:start -->`` and ``<!-- bench_methods:end -->`` in `
 records go to ``--results``.
 
     hsstar bench                # hsstar against uniform, SFT and DPO, 5 seeds (about 20 minutes on 2 cores)
-    hsstar bench --methods uniform hsstar prop2diff band --studies main utility sweep   # every study
+    hsstar bench --methods uniform hsstar prop2diff band knapsack hsstar_adaptive --studies main utility sweep
     hsstar bench --quick        # a smoke test on the tiny reasoner (CI)
 """
 
@@ -41,7 +43,9 @@ def markers(section: str) -> tuple[str, str]:
     return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
 
 
-MAIN_METHODS = ("uniform", "hsstar", "prop2diff", "band")
+MAIN_METHODS = ("uniform", "hsstar", "prop2diff", "band", "knapsack", "hsstar_adaptive")
+OURS = ("hsstar", "hsstar_adaptive")
+"""The methods compared seed by seed against every other method."""
 DPO_LR = DPO_LEARNING_RATE  # the world's defaults (trl_hsstar.toy.experiment)
 SFT_LR = SFT_LEARNING_RATE
 
@@ -239,6 +243,36 @@ def summarise(records: dict[str, dict], runs: list[dict], levels) -> dict:
     return out
 
 
+def _paired_line(summary: dict, objective: str, ours: str) -> list[str]:
+    """``ours`` minus every other method, final accuracy, seed by seed, with the mean and its 95% interval."""
+    base = summary.get((objective, ours, 3))
+    pairs = []
+    for method in (m for m in MAIN_METHODS if m != ours):
+        other = summary.get((objective, method, 3))
+        if base is None or other is None:
+            continue
+        seeds = sorted(set(base["final_by_seed"]) & set(other["final_by_seed"]))
+        diffs = [base["final_by_seed"][k] - other["final_by_seed"][k] for k in seeds]
+        if diffs:
+            wins = sum(d > 0 for d in diffs)
+            ci = interval95(diffs)
+            pairs.append(
+                f"{method} "
+                + ", ".join(f"{d:+.3f}" for d in diffs)
+                + f" (ahead on {wins} of {len(diffs)}"
+                + ("" if ci is None else f"; mean {ci[0]:+.3f}, 95% interval [{ci[1]:+.3f}, {ci[2]:+.3f}]")
+                + ")"
+            )
+    if not pairs:
+        return []
+    return [
+        f"{ours} minus each other method, final accuracy, seed by seed (same problems and held-out set per seed): "
+        + "; ".join(pairs)
+        + ".",
+        "",
+    ]
+
+
 def report(args, records, runs, summary, meta, levels, plots) -> str:
     start, end = markers(args.section)
     lines = [start, "", f"## {args.title}", ""]
@@ -303,35 +337,8 @@ def report(args, records, runs, summary, meta, levels, plots) -> str:
                 + " |"
             )
         lines.append("")
-        base = summary.get((objective, "hsstar", 3))
-        pairs = []
-        for method in (m for m in MAIN_METHODS if m != "hsstar"):  # against each baseline, seed by seed
-            other = summary.get((objective, method, 3))
-            if base is None or other is None:
-                continue
-            seeds = sorted(set(base["final_by_seed"]) & set(other["final_by_seed"]))
-            diffs = [base["final_by_seed"][k] - other["final_by_seed"][k] for k in seeds]
-            if diffs:
-                wins = sum(d > 0 for d in diffs)
-                ci = interval95(diffs)
-                pairs.append(
-                    f"{method} "
-                    + ", ".join(f"{d:+.3f}" for d in diffs)
-                    + f" (ahead on {wins} of {len(diffs)}"
-                    + (
-                        ""
-                        if ci is None
-                        else f"; mean {ci[0]:+.3f}, 95% interval [{ci[1]:+.3f}, {ci[2]:+.3f}]"
-                    )
-                    + ")"
-                )
-        if pairs:
-            lines += [
-                "hsstar minus each baseline, final accuracy, seed by seed (same problems and held-out set per seed): "
-                + "; ".join(pairs)
-                + ".",
-                "",
-            ]
+        for ours in OURS:
+            lines += _paired_line(summary, objective, ours)
         lines.append("Held-out accuracy after each iteration (mean over seeds; M_0 first):")
         lines.append("")
         for method in MAIN_METHODS:

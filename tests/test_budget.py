@@ -8,7 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trl_hsstar.budget import STRATEGIES, allocate, presamples_for
+from itertools import product
+
+from trl_hsstar.budget import STRATEGIES, allocate, knapsack_value, presamples_for
 from trl_hsstar.difficulty import Difficulty, Level
 
 
@@ -27,26 +29,35 @@ problem = st.one_of(
 budgets = st.tuples(st.integers(1, 16), st.integers(0, 16)).filter(lambda t: t[1] <= t[0])
 
 
-def eligible_for(strategy: str, d: Difficulty) -> bool:
-    return {
-        "hsstar": d.level is Level.BOUNDARY,
-        "uniform": True,
-        "prop2diff": d.phi_a is None or d.phi_a < 1.0,
-        "band": d.phi_a is not None and 0.0 < d.phi_a < 1.0,
-    }[strategy]
+def eligible_for(strategy: str, problems: list[Difficulty], filled: list[bool]) -> list[bool]:
+    if strategy == "hsstar_adaptive":
+        open_boundary = [d.level is Level.BOUNDARY and not f for d, f in zip(problems, filled)]
+        return open_boundary if any(open_boundary) or all(filled) else [not f for f in filled]
+    return [
+        {
+            "hsstar": d.level is Level.BOUNDARY,
+            "uniform": True,
+            "prop2diff": d.phi_a is None or d.phi_a < 1.0,
+            "band": d.phi_a is not None and 0.0 < d.phi_a < 1.0,
+            "knapsack": d.phi_a is not None and 0.0 < d.phi_a < 1.0,
+        }[strategy]
+        for d in problems
+    ]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(
-    st.lists(problem, max_size=40),
+    st.lists(st.tuples(problem, st.booleans()), max_size=40),
     st.sampled_from(STRATEGIES),
     budgets,
     st.integers(0, 2**32 - 1),
 )
-def test_invariants_of_every_strategy(problems, strategy, budget_np, seed):
+def test_invariants_of_every_strategy(problems_filled, strategy, budget_np, seed):
+    problems = [p for p, _ in problems_filled]
+    filled = [f for _, f in problems_filled]
     budget, n_p = budget_np
     n_p = presamples_for(strategy, budget, n_p)
-    alloc = allocate(problems, strategy=strategy, budget=budget, num_presamples=n_p, seed=seed)
+    alloc = allocate(problems, strategy=strategy, budget=budget, num_presamples=n_p, seed=seed, filled=filled)
 
     # total spent == B x N exactly
     assert alloc.total == budget * len(problems)
@@ -55,7 +66,7 @@ def test_invariants_of_every_strategy(problems, strategy, budget_np, seed):
     assert len(alloc.resamples) == len(problems)
     assert all(r >= 0 for r in alloc.resamples)
     # only eligible problems receive budget (unless none is eligible: then all share it evenly)
-    eligible = [eligible_for(strategy, d) for d in problems]
+    eligible = eligible_for(strategy, problems, filled)
     assert alloc.eligible == eligible
     if any(eligible):
         assert not alloc.fell_back
@@ -65,11 +76,11 @@ def test_invariants_of_every_strategy(problems, strategy, budget_np, seed):
         assert alloc.fell_back == (remaining > 0)
         assert max(alloc.resamples) - min(alloc.resamples) <= 1
     # even strategies: eligible problems differ by at most one
-    if strategy in ("hsstar", "uniform", "band") and any(eligible):
+    if strategy in ("hsstar", "uniform", "band", "hsstar_adaptive") and any(eligible):
         got = [r for r, ok in zip(alloc.resamples, eligible) if ok]
         assert max(got) - min(got) <= 1
     # same seed, same result
-    again = allocate(problems, strategy=strategy, budget=budget, num_presamples=n_p, seed=seed)
+    again = allocate(problems, strategy=strategy, budget=budget, num_presamples=n_p, seed=seed, filled=filled)
     assert again == alloc
 
 
@@ -193,3 +204,45 @@ def test_a_slice_of_the_remainder_is_handed_out_exactly(strategy):
     assert allocate(ds, strategy=strategy, budget=8, num_presamples=3, seed=4, remaining=25) == whole
     with pytest.raises(ValueError, match="`remaining` must be an integer between 0 and"):
         allocate(ds, strategy=strategy, budget=8, num_presamples=3, remaining=26)
+
+
+def test_knapsack_value_by_hand():
+    """Knapsack RL's value: P(some right and some wrong in n) * p(1-p)^2; no value under two samples."""
+    assert knapsack_value(0.5, 3) == pytest.approx((1 - 0.125 - 0.125) * 0.5 * 0.25)
+    assert knapsack_value(1 / 3, 2) == pytest.approx((1 - 1 / 9 - 4 / 9) * (1 / 3) * (4 / 9))
+    assert knapsack_value(0.0, 8) == knapsack_value(1.0, 8) == 0.0
+    assert knapsack_value(0.5, 1) == knapsack_value(0.5, 0) == 0.0
+
+
+@pytest.mark.parametrize("n_p", [1, 2, 3])
+@pytest.mark.parametrize("rates", [(1 / 3, 2 / 3), (0.2, 0.5, 0.9), (0.1, 0.1, 0.6, 1.0)])
+def test_knapsack_greedy_is_the_optimum(rates, n_p):
+    """The greedy split reaches the best total value over every split of R (checked exhaustively)."""
+    ds = [diff("boundary", p) for p in rates]
+    remaining = 2 * len(rates) + 1
+    alloc = allocate(ds, strategy="knapsack", budget=n_p + 3, num_presamples=n_p, remaining=remaining)
+    assert sum(alloc.resamples) == remaining
+    value = lambda split: sum(knapsack_value(p, n_p + r) for p, r in zip(rates, split))
+    best = max(
+        value(split) for split in product(range(remaining + 1), repeat=len(rates)) if sum(split) == remaining
+    )
+    assert value(alloc.resamples) == pytest.approx(best)
+    assert all(r == 0 for r, p in zip(alloc.resamples, rates) if p in (0.0, 1.0))
+
+
+def test_knapsack_favours_the_harder_of_two_boundary_problems():
+    """p(1-p)^2 peaks at p = 1/3: of pass rates 1/3 and 2/3, the first is worth more samples."""
+    alloc = allocate([diff("boundary", 1 / 3), diff("boundary", 2 / 3)], strategy="knapsack", budget=8, num_presamples=3)
+    assert alloc.resamples[0] > alloc.resamples[1] and sum(alloc.resamples) == 10
+
+
+def test_adaptive_skips_filled_problems_then_widens():
+    ds = [diff("easy"), diff("boundary"), diff("boundary"), diff("hard")]
+    kw = dict(strategy="hsstar_adaptive", budget=8, num_presamples=3)
+    assert allocate(ds, filled=[False, True, False, False], **kw).resamples == [0, 0, 20, 0]
+    # every boundary problem is full: whoever may still yield rows gets the slice
+    assert allocate(ds, filled=[False, True, True, False], **kw).resamples == [10, 0, 0, 10]
+    everyone = allocate(ds, filled=[True] * 4, **kw)
+    assert everyone.fell_back and everyone.resamples == [5, 5, 5, 5]
+    with pytest.raises(ValueError, match="`filled` has 2 entries for 4 problems"):
+        allocate(ds, filled=[True, False], **kw)

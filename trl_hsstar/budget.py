@@ -25,6 +25,16 @@ with at equal budget):
 ``"band"``
     Pass-rate band / non-zero-variance filter (DAPO, open-r1): R is split evenly over the problems
     with ``band[0] < phi_a < band[1]`` (by default: solved sometimes, not always).
+``"hsstar_adaptive"``
+    Beyond the release: R is spent over several rounds (the caller hands out one slice per round with
+    ``remaining``). Each round the slice goes evenly to the problems in ``target_levels`` that have not
+    yet ``filled`` their quota of training rows; when none is left, to every problem without a full
+    quota (more samples may move its level); only then to all.
+``"knapsack"``
+    Knapsack RL (Li et al. 2025, arXiv 2509.25849): a problem with pass rate p and N samples is worth
+    ``(1 - p^N - (1 - p)^N) * p * (1 - p)^2`` (the chance of a mixed group times the information
+    gain); R goes one sample at a time to the largest gain in value, p estimated by ``phi_a``
+    (0.5 without pre-samples). Problems with ``phi_a`` of 0 or 1 are worth nothing and get nothing.
 
 When no problem is eligible (no boundary problem, nothing in the band, or every fail rate is 0),
 R is split evenly over **all** problems, i.e. the iteration falls back to uniform sampling and the
@@ -33,6 +43,7 @@ budget is still spent exactly; :attr:`Allocation.fell_back` records it so that c
 
 from __future__ import annotations
 
+import heapq
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,7 +52,7 @@ from .difficulty import Difficulty, Level
 
 __all__ = ["STRATEGIES", "Allocation", "allocate", "presamples_for"]
 
-STRATEGIES = ("hsstar", "uniform", "prop2diff", "band")
+STRATEGIES = ("hsstar", "uniform", "prop2diff", "band", "hsstar_adaptive", "knapsack")
 
 
 @dataclass(frozen=True)
@@ -118,6 +129,32 @@ def _spread_proportionally(remaining: int, weights: list[float], rng: random.Ran
     return counts
 
 
+def knapsack_value(p: float, n: int) -> float:
+    """Knapsack RL's value of ``n`` samples on a problem of pass rate ``p``: P(mixed group) * p(1-p)^2."""
+    if n < 2:
+        return 0.0
+    return (1.0 - p**n - (1.0 - p) ** n) * p * (1.0 - p) ** 2
+
+
+def _spread_knapsack(remaining: int, rates: list[float], eligible: list[bool], start: int) -> list[int]:
+    """Greedy by marginal value, one sample at a time: optimal, as the value is concave in n from n = 1 on (the
+    first sample of a problem without pre-samples is valued at half of the first two)."""
+    counts = [0] * len(rates)
+
+    def gain(i: int) -> float:
+        n = start + counts[i]
+        step = 2 if n == 0 else 1
+        return (knapsack_value(rates[i], n + step) - knapsack_value(rates[i], n)) / step
+
+    heap = [(-gain(i), i) for i in range(len(rates)) if eligible[i]]  # ties: the lower index first
+    heapq.heapify(heap)
+    for _ in range(remaining):
+        _, i = heapq.heappop(heap)
+        counts[i] += 1
+        heapq.heappush(heap, (-gain(i), i))
+    return counts
+
+
 def allocate(
     difficulties: Sequence[Difficulty],
     *,
@@ -128,6 +165,7 @@ def allocate(
     target_levels: Sequence[Level | str] = (Level.BOUNDARY,),
     band: tuple[float, float] = (0.0, 1.0),
     remaining: int | None = None,
+    filled: Sequence[bool] | None = None,
 ) -> Allocation:
     """Decide how many re-samples each problem gets.
 
@@ -142,6 +180,8 @@ def allocate(
         band: for ``"band"``, the open interval of pre-sample accuracy that is eligible.
         remaining: the samples to hand out; by default the whole remainder ``(budget - num_presamples) * N``.
             A loop of several re-sampling rounds hands out one slice of it per round.
+        filled: for ``"hsstar_adaptive"``, per problem, whether it already has its quota of training rows
+            (such a problem gets nothing while another is eligible); ``None``: none has.
 
     Returns:
         An :class:`Allocation` whose re-samples add up to exactly ``remaining`` (so that by default ``total`` is
@@ -168,8 +208,11 @@ def allocate(
             f"{(budget - num_presamples) * n}, got {remaining!r}."
         )
     rng = random.Random(seed)
+    if filled is not None and len(filled) != n:
+        raise ValueError(f"`filled` has {len(filled)} entries for {n} problems: give one per problem.")
+    full = [bool(f) for f in filled] if filled is not None else [False] * n
 
-    if strategy == "hsstar":
+    if strategy in ("hsstar", "hsstar_adaptive"):
         try:
             targets = {Level(t) for t in target_levels}
         except ValueError:
@@ -177,6 +220,15 @@ def allocate(
                 f"`target_levels` must name levels among {[lv.value for lv in Level]}, got {list(target_levels)!r}."
             ) from None
         eligible = [d.level in targets for d in difficulties]
+        if strategy == "hsstar_adaptive":
+            eligible = [ok and not f for ok, f in zip(eligible, full)]
+            if not any(eligible) and not all(full):  # no open target left: whoever may still yield rows
+                eligible = [not f for f in full]
+    elif strategy == "knapsack":
+        rates = [0.5 if d.phi_a is None else d.phi_a for d in difficulties]
+        eligible = [0.0 < p < 1.0 for p in rates]
+        if any(eligible) and remaining > 0:
+            return Allocation(num_presamples, _spread_knapsack(remaining, rates, eligible, num_presamples), eligible)
     elif strategy == "uniform":
         eligible = [True] * n
     elif strategy == "band":

@@ -73,9 +73,10 @@ class HSStarArguments:
             B: the average number of samples per problem per iteration. An iteration spends exactly B × N samples.
         num_presamples (`int`, *optional*, defaults to `3`):
             n_p: samples per problem in the pre-sampling phase, which estimates difficulty.
-        resample_rounds (`int`, *optional*, defaults to `1`):
+        resample_rounds (`int`, *optional*):
             Re-sampling rounds after pre-sampling. Before each, every problem's level is re-estimated from all its
-            samples so far and an even slice of the remaining budget is allocated. The release uses one.
+            samples so far and an even slice of the remaining budget is allocated. Default: 4 for
+            `allocation="hsstar_adaptive"`, else 1 (the release).
         temperature (`float`, *optional*, defaults to `0.7`):
             Sampling temperature.
         top_p (`float`, *optional*, defaults to `0.95`):
@@ -107,7 +108,12 @@ class HSStarArguments:
             `"hsstar"` (answer accuracy and reward), `"accuracy"` or `"reward"` (the paper's ablations).
         reward_thresholds (`list[float]`, *optional*):
             (tau_l, tau_h), with 0 <= tau_l < tau_h <= 1. Taken from the published table when the process reward
-            model is one of the released ones; required otherwise when the estimator uses rewards.
+            model is one of the released ones; required otherwise when the estimator uses rewards, unless
+            `calibrate_thresholds`.
+        calibrate_thresholds (`bool`, *optional*, defaults to `False`):
+            Take (tau_l, tau_h) from each iteration's pre-samples, for any reward model and policy: tau_h is the
+            lower quartile of phi_r over the problems answered right every time, tau_l the upper quartile over
+            those answered wrong every time. When they cross, that iteration falls back to answer accuracy.
         reward_aggregation (`str`, *optional*, defaults to `"min"`):
             How a process reward model's step rewards make S(r): `"min"`, `"prod"` or `"last"`.
         reward_step_token (`str`, *optional*):
@@ -115,8 +121,10 @@ class HSStarArguments:
             former `PRMConfig.step_separator`, e.g. `"\\n"`). Default: `"<step>"` when its tokenizer has it, and
             `"<extra_0>"` for Qwen2.5-Math-PRM.
         allocation (`str`, *optional*, defaults to `"hsstar"`):
-            Budget strategy: `"hsstar"`, or the equal-budget baselines `"uniform"` (STaR/RFT), `"prop2diff"`
-            (DART-Math) and `"band"` (non-zero pass-rate variance).
+            Budget strategy: `"hsstar"` (the release), `"hsstar_adaptive"` (over `resample_rounds` rounds, a
+            problem stops receiving samples once it has `max_rows_per_problem` rows), or the equal-budget baselines
+            `"uniform"` (STaR/RFT), `"prop2diff"` (DART-Math), `"band"` (non-zero pass-rate variance) and
+            `"knapsack"` (Knapsack RL).
         reward_batch_size (`int`, *optional*, defaults to `16`):
             Sequences per forward pass of a reward model.
         verifier_timeout (`float`, *optional*, defaults to `5.0`):
@@ -137,6 +145,9 @@ class HSStarArguments:
 
         max_rows_per_problem (`int`, *optional*, defaults to `4`):
             Most SFT rows (or DPO pairs) kept per problem, best S(r) first. `None` keeps all.
+        min_row_score (`float`, *optional*):
+            SFT: keep only correct rationales whose S(r) is at least this (a process reward model cleans what the
+            answer check lets through); the number dropped is in each iteration's statistics. `None` keeps all.
         train_levels (`list[str]`, *optional*, defaults to `["boundary"]`):
             Levels whose problems give training data.
 
@@ -197,11 +208,11 @@ class HSStarArguments:
         default=8, metadata={"help": "B: average samples per problem per iteration."}
     )
     num_presamples: int = field(default=3, metadata={"help": "n_p: pre-samples per problem."})
-    resample_rounds: int = field(
-        default=1,
+    resample_rounds: int | None = field(
+        default=None,
         metadata={
             "help": "Re-sampling rounds after pre-sampling, each re-estimating levels and taking an even slice of "
-            "the remaining budget (the release: 1)."
+            "the remaining budget. Default: 4 under allocation='hsstar_adaptive', else 1 (the release)."
         },
     )
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature."})
@@ -238,6 +249,10 @@ class HSStarArguments:
     reward_thresholds: list[float] | None = field(
         default=None,
         metadata={"help": "(tau_l, tau_h). Default: the published pair for a released PRM, else required."},
+    )
+    calibrate_thresholds: bool = field(
+        default=False,
+        metadata={"help": "Take (tau_l, tau_h) from each iteration's pre-samples (quartiles; docs/method.md)."},
     )
     reward_aggregation: str = field(
         default="min", metadata={"help": f"Step reward aggregation, one of {AGGREGATIONS}."}
@@ -278,6 +293,9 @@ class HSStarArguments:
     )
     train_levels: list[str] = field(
         default_factory=lambda: ["boundary"], metadata={"help": "Levels whose problems give training data."}
+    )
+    min_row_score: float | None = field(
+        default=None, metadata={"help": "SFT: keep only correct rationales with S(r) at least this."}
     )
     # vLLM (TRL GRPO names)
     use_vllm: bool = field(
@@ -334,6 +352,8 @@ class HSStarArguments:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
 
+        if self.resample_rounds is None:
+            self.resample_rounds = 4 if self.allocation == "hsstar_adaptive" else 1
         for name in (
             "num_iterations",
             "sampling_budget",
@@ -379,6 +399,14 @@ class HSStarArguments:
             )
         if self.reward_thresholds is not None:
             self.reward_thresholds = list(validate_thresholds(self.reward_thresholds))
+            if self.calibrate_thresholds:
+                raise ValueError(
+                    "`reward_thresholds` and `calibrate_thresholds=True` both set the thresholds: keep one."
+                )
+        if self.min_row_score is not None and (
+            isinstance(self.min_row_score, bool) or not isinstance(self.min_row_score, (int, float))
+        ):
+            raise ValueError(f"`min_row_score` must be a number (S(r) of a kept row) or None, got {self.min_row_score!r}.")
         levels = ("easy", "boundary", "hard")
         for name in ("train_levels", "resample_levels"):
             value = getattr(self, name)

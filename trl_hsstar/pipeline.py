@@ -31,11 +31,11 @@ from typing import Any
 
 from . import artifacts as A
 from .budget import allocate, presamples_for
-from .difficulty import Difficulty, Level, count_levels, estimate_difficulty
+from .difficulty import Difficulty, Level, calibrate_thresholds, count_levels, estimate_difficulty
 from .distributed import Collective
 from .records import Problem, ProblemStats, Sample, sample_id
 from .sampling import Sampler, SamplingParams, SamplingStats
-from .selection import ScoredSample, select_dpo_pairs, select_sft_rows
+from .selection import ScoredSample, quota_filled, select_dpo_pairs, select_sft_rows
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,10 @@ class PipelineSettings:
     """Samples generated (or scored) per checkpointed chunk of a phase."""
     resample_rounds: int = 1
     """Rounds after pre-sampling; the remainder of the budget is split evenly between them (the release: 1)."""
+    min_row_score: float | None = None
+    """SFT: keep only correct rationales with S(r) at or above it (None: all correct ones, the release)."""
+    calibrate_thresholds: bool = False
+    """Take (tau_l, tau_h) from round 0's statistics (:func:`~trl_hsstar.difficulty.calibrate_thresholds`)."""
     sampling: SamplingParams = field(default_factory=SamplingParams)
 
 
@@ -176,6 +180,33 @@ def _seeded(params: SamplingParams, round_: int, first: int | None) -> SamplingP
     )
 
 
+def _by_problem(problems: list[Problem], samples: list[Sample]) -> dict[str, list[Sample]]:
+    by_problem: dict[str, list[Sample]] = {p.problem_id: [] for p in problems}
+    for s in samples:
+        by_problem[s.problem_id].append(s)
+    return by_problem
+
+
+def _thresholds(
+    problems: list[Problem], samples: list[Sample], settings: PipelineSettings
+) -> tuple[str, tuple[float, float] | None, str | None]:
+    """The estimator and (tau_l, tau_h) the plans use, and why calibration failed (None when it did not).
+
+    With ``calibrate_thresholds`` the thresholds come from round 0 alone, so every round (and a resume) uses the
+    same pair; when the rewards do not separate the problems, the estimator falls back to answer accuracy."""
+    if not settings.calibrate_thresholds or settings.difficulty_estimator == "accuracy":
+        return settings.difficulty_estimator, settings.reward_thresholds, None
+    groups = _by_problem(problems, [s for s in samples if s.round == 0])
+    stats = [
+        estimate_difficulty([s.correct for s in g], [s.reward for s in g], estimator="accuracy")
+        for g in groups.values()
+    ]
+    try:
+        return settings.difficulty_estimator, calibrate_thresholds(stats), None
+    except ValueError as error:
+        return "accuracy", None, str(error)
+
+
 def _plan(
     problems: list[Problem],
     samples: list[Sample],
@@ -185,18 +216,28 @@ def _plan(
     n_p: int,
 ) -> list[ProblemStats]:
     """Re-estimate every problem from all its samples so far and hand out ``remaining`` samples for ``round_``."""
-    by_problem: dict[str, list[Sample]] = {p.problem_id: [] for p in problems}
-    for s in samples:
-        by_problem[s.problem_id].append(s)
+    by_problem = _by_problem(problems, samples)
+    estimator, thresholds, _ = _thresholds(problems, samples, settings)
     difficulties = [
         estimate_difficulty(
             [s.correct for s in by_problem[p.problem_id]],
             [s.reward for s in by_problem[p.problem_id]],
-            estimator=settings.difficulty_estimator,
-            thresholds=settings.reward_thresholds,
+            estimator=estimator,
+            thresholds=thresholds,
         )
         for p in problems
     ]
+    filled = None
+    if settings.allocation == "hsstar_adaptive":  # a problem with its quota of rows needs no more samples
+        filled = [
+            quota_filled(
+                [ScoredSample(s.problem_id, None, s.completion, s.correct, s.reward) for s in by_problem[p.problem_id]],
+                objective=settings.objective,
+                cap=settings.max_rows_per_problem,
+                min_score=settings.min_row_score,
+            )
+            for p in problems
+        ]
     seed = settings.seed if round_ == 1 else zlib.crc32(f"{settings.seed}:plan:{round_}".encode())
     plan = allocate(
         difficulties,
@@ -206,6 +247,7 @@ def _plan(
         seed=seed,
         target_levels=settings.resample_levels,
         remaining=remaining,
+        filled=filled,
     )
     if plan.fell_back:
         logger.warning(
@@ -317,7 +359,7 @@ def run_iteration(
     # The training rows, from the problems at the levels of the last plan, on the main process.
     rows = phases.main(
         A.TRAIN_ROWS,
-        lambda: events.rows_selected(_select(samples, by_id, difficulties, settings)),
+        lambda: events.rows_selected(_select(samples, by_id, difficulties, settings, settings.min_row_score)),
         share=False,
     )
 
@@ -335,6 +377,17 @@ def run_iteration(
             fell_back=any(s.fell_back for s in plan),
             generation=gen_stats,
         )
+        estimator, thresholds, calibration_error = _thresholds(problems, samples, settings)
+        stats["difficulty_estimator"] = estimator
+        stats["reward_thresholds"] = list(thresholds) if thresholds else None
+        if settings.calibrate_thresholds:
+            stats["calibration_error"] = calibration_error
+            if calibration_error:
+                logger.warning("%s Falling back to answer accuracy for this iteration.", calibration_error)
+        if settings.objective == "sft" and settings.min_row_score is not None:  # what the score filter took out
+            stats["rows_dropped_by_score"] = len(_select(samples, by_id, difficulties, settings, None)) - len(
+                _select(samples, by_id, difficulties, settings, settings.min_row_score)
+            )
         stats["num_processes"] = coll.num_processes
         stats["phases_computed"] = phases.computed
         stats["phase_seconds"] = {k: round(v, 3) for k, v in phases.timings.items()}
@@ -345,7 +398,11 @@ def run_iteration(
 
 
 def _select(
-    samples: list[Sample], problems: dict[str, Problem], difficulties: dict[str, Difficulty], settings
+    samples: list[Sample],
+    problems: dict[str, Problem],
+    difficulties: dict[str, Difficulty],
+    settings,
+    min_score: float | None,
 ) -> list[dict]:
     """SFT rows or DPO pairs from all samples of the problems whose level is in ``settings.train_levels``."""
     pooled = [
@@ -369,7 +426,11 @@ def _select(
             max_pairs_per_problem=settings.max_rows_per_problem,
         )
     return select_sft_rows(
-        pooled, levels, train_levels=settings.train_levels, max_rows_per_problem=settings.max_rows_per_problem
+        pooled,
+        levels,
+        train_levels=settings.train_levels,
+        max_rows_per_problem=settings.max_rows_per_problem,
+        min_score=min_score,
     )
 
 

@@ -64,13 +64,16 @@ class RunRewards:
             )
         if args.reward_thresholds is not None:  # checked by the config
             return tuple(args.reward_thresholds)
+        if getattr(args, "calibrate_thresholds", False):  # each iteration's pre-samples decide
+            return None
         names = [model_name(f) for f in funcs]
         found = [lookup_thresholds(n) for n in names if n]
         if not found or found[0] is None:
             raise ValueError(
                 "`reward_thresholds` (tau_l, tau_h) is required: no thresholds are published for the reward "
                 f"source {names[0] or funcs[0]!r}. Published pairs exist only for Skywork-o1-Open-PRM-Qwen-2.5-"
-                "7B/1.5B and Qwen2.5-Math-PRM-7B; choose thresholds on a held-out pre-sample."
+                "7B/1.5B and Qwen2.5-Math-PRM-7B; set `calibrate_thresholds=True` to take them from each iteration's "
+                "pre-samples, or choose them on a held-out pre-sample."
             )
         return found[0]
 

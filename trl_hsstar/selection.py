@@ -8,6 +8,8 @@ their pre-samples and re-samples pooled.
 * :func:`select_sft_rows` (the default objective, STaR/RFT style): the correct responses, ranked by
   S(r) descending (unscored ones last, ties keep sampling order), exact duplicates removed, at most
   ``max_rows_per_problem`` per problem.
+  With ``min_score`` (not in the release) a correct response also needs S(r) >= ``min_score``: a
+  process reward model then cleans what the answer check lets through.
 * :func:`select_dpo_pairs` (the authors' release, ``scripts/filter_ours_dpo.py``): per problem the
   correct responses (chosen) and the incorrect ones (rejected), each sorted by S(r) descending, both
   cut to K = min(#correct, #incorrect), each shuffled, zipped into K pairs; a problem without a
@@ -29,7 +31,7 @@ from typing import Any
 
 from .difficulty import Level
 
-__all__ = ["ScoredSample", "group_by_problem", "select_dpo_pairs", "select_sft_rows"]
+__all__ = ["ScoredSample", "group_by_problem", "quota_filled", "select_dpo_pairs", "select_sft_rows"]
 
 
 @dataclass(frozen=True)
@@ -85,12 +87,32 @@ def _dedupe_key(completion: Any) -> Any:
     return completion if isinstance(completion, str) else repr(completion)
 
 
+def _sft_candidates(group: Sequence[ScoredSample], min_score: float | None) -> list[ScoredSample]:
+    return [
+        s for s in group if s.correct and (min_score is None or (s.score is not None and s.score >= min_score))
+    ]
+
+
+def quota_filled(
+    group: Sequence[ScoredSample], *, objective: str, cap: int | None, min_score: float | None = None
+) -> bool:
+    """Whether one problem's samples already give ``cap`` training rows: distinct correct responses (SFT, with
+    ``min_score`` as in :func:`select_sft_rows`) or pairs, min(#correct, #incorrect) (DPO). No cap: never."""
+    if cap is None:
+        return False
+    if objective == "dpo":
+        correct = sum(1 for s in group if s.correct)
+        return min(correct, len(group) - correct) >= cap
+    return len({_dedupe_key(s.completion) for s in _sft_candidates(group, min_score)}) >= cap
+
+
 def select_sft_rows(
     samples: Iterable[ScoredSample],
     levels: Mapping[str, Level | str] | None = None,
     *,
     train_levels: Collection[Level | str] = (Level.BOUNDARY,),
     max_rows_per_problem: int | None = None,
+    min_score: float | None = None,
 ) -> list[dict]:
     """Correct responses of the eligible problems as SFT rows.
 
@@ -100,6 +122,7 @@ def select_sft_rows(
             A problem missing from a given mapping is not eligible.
         train_levels: the levels whose problems give rows.
         max_rows_per_problem: cap per problem after ranking and de-duplication (``None``: no cap).
+        min_score: keep only responses with S(r) >= ``min_score`` (an unscored one is dropped); ``None``: all.
 
     Returns:
         Rows ``{"prompt", "completion", "problem_id", "sample_id", "score", "rank"}``, problems in order of first
@@ -113,7 +136,7 @@ def select_sft_rows(
             continue
         seen: set = set()
         kept = 0
-        for s in _by_score_desc([s for s in group if s.correct]):
+        for s in _by_score_desc(_sft_candidates(group, min_score)):
             key = _dedupe_key(s.completion)
             if key in seen:
                 continue

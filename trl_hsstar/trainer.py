@@ -595,6 +595,8 @@ class _HSStarBase(Trainer):
             seed=args.seed + iteration,
             chunk_size=args.sampling_chunk_size,
             resample_rounds=args.resample_rounds,
+            min_row_score=args.min_row_score,
+            calibrate_thresholds=args.calibrate_thresholds,
             sampling=SamplingParams(
                 temperature=args.temperature,
                 top_p=args.top_p,
@@ -645,9 +647,11 @@ class _HSStarBase(Trainer):
                 for k, v in {
                     **self._sampling_knobs(),
                     "chat_template_kwargs": args.chat_template_kwargs,
+                    "calibrate_thresholds": args.calibrate_thresholds or None,
                 }.items()
                 if v not in (None, 0, 1.0)
             },
+            **({} if args.min_row_score is None else {"min_row_score": args.min_row_score}),
         }
 
 

@@ -11,6 +11,8 @@ The methods (all at the same total budget, ``sampling_budget`` samples per probl
 ``uniform``    STaR / RFT: all ``sampling_budget`` samples up front, train on every problem with a correct one.
 ``prop2diff``  DART-Math: the rest in proportion to the fail rate, train on every problem.
 ``band``       the pass-rate band (DAPO / open-r1): the rest to problems solved sometimes, train on every problem.
+``knapsack``   Knapsack RL (Li et al. 2025): the rest by marginal value of a mixed group, train on every problem.
+``hsstar_adaptive``  the rest over 4 rounds, each to the boundary problems that lack their quota of rows.
 ``hsstar-easy``, ``hsstar-hard``  the utility study: the rest (and the training) on easy or on hard problems only.
 """
 
@@ -47,6 +49,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "uniform": {"allocation": "uniform", "train_levels": ALL_LEVELS},
     "prop2diff": {"allocation": "prop2diff", "train_levels": ALL_LEVELS},
     "band": {"allocation": "band", "train_levels": ALL_LEVELS},
+    "knapsack": {"allocation": "knapsack", "train_levels": ALL_LEVELS},
+    "hsstar_adaptive": {"allocation": "hsstar_adaptive", "resample_rounds": 4, "train_levels": ["boundary"]},
     "hsstar-easy": {"allocation": "hsstar", "resample_levels": ["easy"], "train_levels": ["easy"]},
     "hsstar-boundary": {
         "allocation": "hsstar",
