@@ -1,9 +1,11 @@
-"""A real-model study: SmolLM2-135M-Instruct with LoRA, HS-STaR against uniform sampling at equal budget (SFT).
+"""A real-model study: SmolLM2-135M-Instruct with LoRA, HS-STaR (the release's rule and the adaptive one) against
+uniform sampling at equal budget (SFT).
 
 Per seed, one iteration on 48 fresh training problems (sums of 2-3 one- or two-digit numbers asked in words, as
 chat), 8 samples per problem (384 in all), accuracy-only difficulty (the answers are free text: no PRM), then
 greedy accuracy on 100 held-out problems, the same for every seed and method and evaluated once before training.
-The two methods see the same problems and seeds; the figure is the paired difference, with its 95% interval.
+The methods see the same problems and seeds; the figure is the paired difference, with its 95% interval. Each
+run's record is kept in ``<work-dir>/records`` and read back by a rerun, so a stopped study resumes.
 
     python benchmarks/bench_smollm2.py --gguf models/SmolLM2-135M-Instruct.Q4_1.gguf --output docs/benchmarks.md
 
@@ -42,6 +44,7 @@ SYSTEM = "Solve the problem step by step. Put the final answer in \\boxed{}."
 METHODS = {
     "hsstar": {"allocation": "hsstar", "train_levels": ["boundary"]},
     "uniform": {"allocation": "uniform", "train_levels": ["easy", "boundary", "hard"]},
+    "hsstar_adaptive": {"allocation": "hsstar_adaptive", "resample_rounds": 4, "train_levels": ["boundary"]},
 }
 WORLD = {"operands": (2, 3), "digits": (1, 2)}
 
@@ -131,7 +134,7 @@ def section(meta: dict, before: float, runs: list[dict]) -> str:
         "## A real model: SmolLM2-135M-Instruct with LoRA (SFT, equal budget)",
         "",
         f"Command: `{meta['command']}`. Machine: {meta['machine']}, torch {meta['torch']} with {meta['threads']} "
-        f"threads; {meta['minutes']} minutes in all.",
+        f"threads; {meta['minutes']} minutes for the runs this invocation made.",
         "",
         "One iteration on 48 training problems per seed (sums of 2-3 one- or two-digit numbers asked in words, as "
         "chat), 8 samples per problem, accuracy-only difficulty, LoRA r=16; greedy accuracy on 100 held-out problems "
@@ -149,20 +152,26 @@ def section(meta: dict, before: float, runs: list[dict]) -> str:
         )
     by = {(r["method"], r["seed"]): r["held_out_after"] for r in runs}
     seeds = sorted({r["seed"] for r in runs})
-    diffs = [
-        by[("hsstar", s)] - by[("uniform", s)] for s in seeds if ("hsstar", s) in by and ("uniform", s) in by
-    ]
-    ci = interval95(diffs)
     if len(seeds) < 3:
         lines += [
             "",
             f"**{len(seeds)} seed(s) only: a first reading, not the study (3 seeds).** One paired difference cannot "
             "be told from chance: a 100-problem evaluation moves by about 0.04 from sampling alone.",
         ]
+    reused = [r for r in runs if r.get("reused_from")]
+    if reused:
+        names = ", ".join(f"{r['method']} seed {r['seed']}" for r in reused)
+        lines += ["", f"Read back from an earlier invocation: {names} ({reused[0]['reused_from']})."]
+    for ours, other in (("hsstar", "uniform"), ("hsstar_adaptive", "uniform"), ("hsstar_adaptive", "hsstar")):
+        diffs = [by[(ours, s)] - by[(other, s)] for s in seeds if (ours, s) in by and (other, s) in by]
+        if diffs:
+            ci = interval95(diffs)
+            lines += [
+                "",
+                f"{ours} minus {other}, paired by seed: {', '.join(f'{d:+.3f}' for d in diffs)}"
+                + (f"; mean {ci[0]:+.3f}, 95% interval [{ci[1]:+.3f}, {ci[2]:+.3f}]." if ci else "."),
+            ]
     lines += [
-        "",
-        f"hsstar minus uniform, paired by seed: {', '.join(f'{d:+.3f}' for d in diffs)}"
-        + (f"; mean {ci[0]:+.3f}, 95% interval [{ci[1]:+.3f}, {ci[2]:+.3f}]." if ci else "."),
         "",
         MARKS[1],
     ]
@@ -196,9 +205,16 @@ def main(argv=None) -> int:
     )
     print(f"held-out greedy accuracy before training: {before:.3f}", flush=True)
     runs = []
+    records = Path(args.work_dir) / "records"
+    records.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         for method in args.methods:
+            path = records / f"{method}-{seed}.json"
+            if path.exists():  # a finished run of an earlier invocation
+                runs.append(json.loads(path.read_text()))
+                continue
             runs.append(run(method, seed, args, model_path, held, Path(args.work_dir)))
+            path.write_text(json.dumps(runs[-1], indent=1) + "\n")
             print(json.dumps(runs[-1]), flush=True)
     meta = {
         "command": shlex.join(

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections import Counter
+from itertools import product
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from itertools import product
 
 from trl_hsstar.budget import STRATEGIES, allocate, knapsack_value, presamples_for
 from trl_hsstar.difficulty import Difficulty, Level
@@ -222,7 +221,10 @@ def test_knapsack_greedy_is_the_optimum(rates, n_p):
     remaining = 2 * len(rates) + 1
     alloc = allocate(ds, strategy="knapsack", budget=n_p + 3, num_presamples=n_p, remaining=remaining)
     assert sum(alloc.resamples) == remaining
-    value = lambda split: sum(knapsack_value(p, n_p + r) for p, r in zip(rates, split))
+
+    def value(split):
+        return sum(knapsack_value(p, n_p + r) for p, r in zip(rates, split))
+
     best = max(
         value(split) for split in product(range(remaining + 1), repeat=len(rates)) if sum(split) == remaining
     )
@@ -232,7 +234,9 @@ def test_knapsack_greedy_is_the_optimum(rates, n_p):
 
 def test_knapsack_favours_the_harder_of_two_boundary_problems():
     """p(1-p)^2 peaks at p = 1/3: of pass rates 1/3 and 2/3, the first is worth more samples."""
-    alloc = allocate([diff("boundary", 1 / 3), diff("boundary", 2 / 3)], strategy="knapsack", budget=8, num_presamples=3)
+    alloc = allocate(
+        [diff("boundary", 1 / 3), diff("boundary", 2 / 3)], strategy="knapsack", budget=8, num_presamples=3
+    )
     assert alloc.resamples[0] > alloc.resamples[1] and sum(alloc.resamples) == 10
 
 

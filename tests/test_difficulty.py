@@ -12,6 +12,7 @@ from trl_hsstar.difficulty import (
     PUBLISHED_THRESHOLDS,
     Difficulty,
     Level,
+    calibrate_thresholds,
     count_levels,
     estimate_difficulty,
     lookup_thresholds,
@@ -160,3 +161,39 @@ def test_levels_follow_the_definitions(samples, estimator):
     if estimator == "hsstar" and d.level is not Level.BOUNDARY:
         assert level(correct, scores, "accuracy") is d.level
         assert level(correct, scores, "reward") is d.level
+
+
+def _stat(phi_a: float, phi_r: float | None) -> Difficulty:
+    return Difficulty(Level.BOUNDARY, phi_a, phi_r, 4, round(4 * phi_a), 0 if phi_r is None else 4)
+
+
+def test_calibrated_thresholds_worked_by_hand():
+    """Right every time: phi_r 0.6 0.7 0.8 0.9 1.0, lower quartile at position 0.25 * 4 = 1 -> 0.7, so tau_h =
+    0.7 - 1e-6. Wrong every time: 0.1 0.2 0.3, upper quartile at position 0.75 * 2 = 1.5 -> 0.25, so tau_l =
+    0.25 + 1e-6. Mixed and unscored problems do not count."""
+    stats = [_stat(1, r) for r in (0.9, 0.6, 0.8, 0.7, 1.0)] + [_stat(0, r) for r in (0.1, 0.3, 0.2)]
+    stats += [_stat(0.5, 0.0), _stat(1, None), _stat(0, None)]
+    tau = calibrate_thresholds(stats)
+    assert tau == (0.250001, 0.699999)
+    # under the paper's rule: 4 of 5 always-right problems are easy (0.6 stays), 2 of 3 always-wrong are hard
+    levels = [estimate_difficulty([s.phi_a == 1] * 4, [s.phi_r] * 4, thresholds=tau).level for s in stats[:8]]
+    assert levels[:5].count(Level.EASY) == 4 and levels[1] is Level.BOUNDARY
+    assert levels[5:] == [Level.HARD, Level.BOUNDARY, Level.HARD]
+
+
+def test_calibration_with_a_saturated_reward_model_still_calls_problems_easy():
+    """Min step rewards of 1.0 for most always-right problems: the ties at the cut are easy, not lost to '>'."""
+    tau_l, tau_h = calibrate_thresholds([_stat(1, 1.0)] * 6 + [_stat(1, 0.4), _stat(0, 0.05)])
+    assert (
+        tau_h < 1.0
+        and estimate_difficulty([True] * 3, [1.0] * 3, thresholds=(tau_l, tau_h)).level is Level.EASY
+    )
+
+
+def test_calibration_without_one_group_and_when_the_groups_cross():
+    assert calibrate_thresholds([_stat(0, 0.2)]) == (0.200001, 1.0)  # nobody always right: nothing easy
+    assert calibrate_thresholds([_stat(1, 0.8)]) == (0.0, 0.799999)
+    with pytest.raises(ValueError, match="does not separate"):
+        calibrate_thresholds([_stat(1, 0.3), _stat(0, 0.6)])
+    with pytest.raises(ValueError, match="`quantile` must lie"):
+        calibrate_thresholds([], quantile=0.5)

@@ -228,7 +228,9 @@ def allocate(
         rates = [0.5 if d.phi_a is None else d.phi_a for d in difficulties]
         eligible = [0.0 < p < 1.0 for p in rates]
         if any(eligible) and remaining > 0:
-            return Allocation(num_presamples, _spread_knapsack(remaining, rates, eligible, num_presamples), eligible)
+            return Allocation(
+                num_presamples, _spread_knapsack(remaining, rates, eligible, num_presamples), eligible
+            )
     elif strategy == "uniform":
         eligible = [True] * n
     elif strategy == "band":

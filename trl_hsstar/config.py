@@ -252,7 +252,9 @@ class HSStarArguments:
     )
     calibrate_thresholds: bool = field(
         default=False,
-        metadata={"help": "Take (tau_l, tau_h) from each iteration's pre-samples (quartiles; docs/method.md)."},
+        metadata={
+            "help": "Take (tau_l, tau_h) from each iteration's pre-samples (quartiles; docs/method.md)."
+        },
     )
     reward_aggregation: str = field(
         default="min", metadata={"help": f"Step reward aggregation, one of {AGGREGATIONS}."}
@@ -406,7 +408,9 @@ class HSStarArguments:
         if self.min_row_score is not None and (
             isinstance(self.min_row_score, bool) or not isinstance(self.min_row_score, (int, float))
         ):
-            raise ValueError(f"`min_row_score` must be a number (S(r) of a kept row) or None, got {self.min_row_score!r}.")
+            raise ValueError(
+                f"`min_row_score` must be a number (S(r) of a kept row) or None, got {self.min_row_score!r}."
+            )
         levels = ("easy", "boundary", "hard")
         for name in ("train_levels", "resample_levels"):
             value = getattr(self, name)

@@ -279,24 +279,25 @@ def calibrate_thresholds(
 ) -> tuple[float, float]:
     """(tau_l, tau_h) for any reward model and policy, from pre-sampling statistics.
 
-    tau_h is the ``quantile``-quantile of phi_r over the problems answered right every time, tau_l the
-    ``1 - quantile``-quantile over those answered wrong every time: under the paper's rule the other
-    ``1 - quantile`` of each group is called easy (hard), the share the reward model trusts least (most)
-    stays boundary. A group with no scored problem leaves its threshold at the end of the scale (1 or 0).
-    Raises ``ValueError`` when the two cross: the scores do not separate the groups.
+    tau_h sits just below (1e-6) the ``quantile``-quantile of phi_r over the problems answered right every time,
+    tau_l just above the ``1 - quantile``-quantile over those answered wrong every time: under the paper's strict
+    tests the other ``1 - quantile`` of each group (ties at the cut included, as when a reward model saturates at
+    1) is called easy (hard); the share the reward model trusts least (most) stays boundary. A group with no
+    scored problem leaves its threshold at the end of the scale (1 or 0). Raises ``ValueError`` when the two
+    cross: the scores do not separate the groups.
 
     Example:
         >>> d = lambda a, r: Difficulty(Level.BOUNDARY, a, r, 3, round(3 * a), 3)
         >>> calibrate_thresholds([d(1, 0.9), d(1, 0.6), d(1, 0.8), d(1, 0.7), d(1, 1.0), d(0, 0.1), d(0, 0.3), d(0, 0.2)])
-        (0.25, 0.7)
+        (0.250001, 0.699999)
     """
     if not 0.0 <= quantile < 0.5:
         raise ValueError(f"`quantile` must lie in [0, 0.5), got {quantile!r}.")
     ds = list(difficulties)
     right = [d.phi_r for d in ds if d.phi_a == 1.0 and d.phi_r is not None]
     wrong = [d.phi_r for d in ds if d.phi_a == 0.0 and d.phi_r is not None]
-    tau_h = _quantile(right, quantile) if right else 1.0
-    tau_l = _quantile(wrong, 1.0 - quantile) if wrong else 0.0
+    tau_h = _quantile(right, quantile) - 1e-6 if right else 1.0
+    tau_l = _quantile(wrong, 1.0 - quantile) + 1e-6 if wrong else 0.0
     tau_l, tau_h = round(min(max(tau_l, 0.0), 1.0), 6), round(min(max(tau_h, 0.0), 1.0), 6)
     if not tau_l < tau_h:
         raise ValueError(
@@ -305,4 +306,3 @@ def calibrate_thresholds(
             "reward model does not separate them for this policy. Use `difficulty_estimator='accuracy'`."
         )
     return tau_l, tau_h
-

@@ -231,7 +231,10 @@ def _plan(
     if settings.allocation == "hsstar_adaptive":  # a problem with its quota of rows needs no more samples
         filled = [
             quota_filled(
-                [ScoredSample(s.problem_id, None, s.completion, s.correct, s.reward) for s in by_problem[p.problem_id]],
+                [
+                    ScoredSample(s.problem_id, None, s.completion, s.correct, s.reward)
+                    for s in by_problem[p.problem_id]
+                ],
                 objective=settings.objective,
                 cap=settings.max_rows_per_problem,
                 min_score=settings.min_row_score,
@@ -384,7 +387,9 @@ def run_iteration(
             stats["calibration_error"] = calibration_error
             if calibration_error:
                 logger.warning("%s Falling back to answer accuracy for this iteration.", calibration_error)
-        if settings.objective == "sft" and settings.min_row_score is not None:  # what the score filter took out
+        if (
+            settings.objective == "sft" and settings.min_row_score is not None
+        ):  # what the score filter took out
             stats["rows_dropped_by_score"] = len(_select(samples, by_id, difficulties, settings, None)) - len(
                 _select(samples, by_id, difficulties, settings, settings.min_row_score)
             )

@@ -89,7 +89,9 @@ def _dedupe_key(completion: Any) -> Any:
 
 def _sft_candidates(group: Sequence[ScoredSample], min_score: float | None) -> list[ScoredSample]:
     return [
-        s for s in group if s.correct and (min_score is None or (s.score is not None and s.score >= min_score))
+        s
+        for s in group
+        if s.correct and (min_score is None or (s.score is not None and s.score >= min_score))
     ]
 
 
