@@ -4,6 +4,8 @@ exact step reward, so every figure is the same on every CPU."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -144,3 +146,55 @@ def test_calibration_falls_back_to_accuracy_when_rewards_do_not_separate(problem
     for r in store.read_jsonl(A.plan_file(1)):  # accuracy-only levels
         phi_a = r["phi_a"]
         assert r["level"] == ("easy" if phi_a == 1 else "hard" if phi_a == 0 else "boundary")
+
+
+def test_the_trainer_runs_the_adaptive_rule_with_calibrated_thresholds_and_the_score_filter(reasoner_dir, tmp_path):
+    """The new fields reach the loop through HSStarConfig: a reward function with no published thresholds needs
+    none with `calibrate_thresholds`, the adaptive rule spends over its default four rounds, and the stats say
+    what the filter dropped; the manifest records the fields, so a resume with other values is refused."""
+    from datasets import Dataset
+
+    from trl_hsstar.config import HSStarConfig
+    from trl_hsstar.toy import problems_to_dataset_dict
+    from trl_hsstar.toy.oracle import OracleStepReward
+    from trl_hsstar.trainer import HSStarTrainer
+
+    def step_reward(prompts, completions, **_):  # an ordinary reward function: no thresholds are published
+        return OracleStepReward()(prompts, completions)
+
+    dataset = Dataset.from_dict(problems_to_dataset_dict(generate_problems(12, operands=(2, 4), seed=5)))
+    args = HSStarConfig(
+        output_dir=str(tmp_path),
+        num_iterations=1,
+        sampling_budget=4,
+        num_presamples=2,
+        allocation="hsstar_adaptive",
+        calibrate_thresholds=True,
+        min_row_score=0.5,
+        max_completion_length=64,
+        per_device_train_batch_size=8,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = HSStarTrainer(model=str(reasoner_dir), args=args, train_dataset=dataset, reward_funcs=step_reward)
+    trainer.train()
+    stats = trainer.iteration_stats[0]
+    assert stats["budget_spent"] == 4 * 12 and len(stats["samples_per_round"]) == 5
+    if stats["calibration_error"] is None:  # which branch depends on the weights; each must hold together
+        tau_l, tau_h = stats["reward_thresholds"]
+        assert stats["difficulty_estimator"] == "hsstar" and 0 <= tau_l < tau_h <= 1
+    else:
+        assert stats["difficulty_estimator"] == "accuracy" and stats["reward_thresholds"] is None
+    rows = A.IterationArtifacts(tmp_path, 0).read_jsonl(A.TRAIN_ROWS)
+    assert all(r["score"] >= 0.5 for r in rows) and stats["rows_dropped_by_score"] >= 0
+    manifest = json.loads((tmp_path / A.RunManifest.FILE).read_text())
+    assert manifest["min_row_score"] == 0.5 and manifest["calibrate_thresholds"] is True
+    assert manifest["allocation"] == "hsstar_adaptive" and manifest["resample_rounds"] == 4
+    with pytest.raises(ValueError, match="`min_row_score`: 0.5 -> 0.9"):
+        HSStarTrainer(
+            model=str(reasoner_dir),
+            args=dataclasses.replace(args, min_row_score=0.9),
+            train_dataset=dataset,
+            reward_funcs=step_reward,
+        ).train()

@@ -39,6 +39,12 @@ def test_release_defaults(tmp_path):
     assert dpo.max_rows_per_problem is None  # the release keeps every pair
 
 
+def test_the_adaptive_allocation_spends_over_four_rounds_by_default(tmp_path):
+    assert HSStarConfig(output_dir=str(tmp_path), allocation="hsstar_adaptive").resample_rounds == 4
+    assert HSStarConfig(output_dir=str(tmp_path)).resample_rounds == 1  # the release
+    assert HSStarConfig(output_dir=str(tmp_path), allocation="knapsack", resample_rounds=2).resample_rounds == 2
+
+
 def test_bf16_is_switched_off_without_an_accelerator(tmp_path):
     import torch
 
@@ -76,6 +82,12 @@ def test_bf16_is_switched_off_without_an_accelerator(tmp_path):
         ),
         ({"vllm_gpu_memory_utilization": 1.5}, "`vllm_gpu_memory_utilization` must be in"),
         ({"vllm_python": "/no/such/python"}, "`vllm_python` .* does not exist"),
+        (
+            {"reward_thresholds": [0.2, 0.6], "calibrate_thresholds": True},
+            "`reward_thresholds` and `calibrate_thresholds=True` both set",
+        ),
+        ({"min_row_score": "high"}, "`min_row_score` must be a number"),
+        ({"resample_rounds": 0}, "`resample_rounds` must be a positive integer"),
     ],
 )
 @pytest.mark.parametrize("cls", [HSStarConfig, HSStarDPOConfig])

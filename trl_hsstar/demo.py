@@ -36,7 +36,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--method",
         default="hsstar",
-        choices=["hsstar", "uniform", "prop2diff", "band", "hsstar-easy", "hsstar-boundary", "hsstar-hard"],
+        choices=[
+            "hsstar",
+            "hsstar_adaptive",
+            "uniform",
+            "prop2diff",
+            "band",
+            "knapsack",
+            "hsstar-easy",
+            "hsstar-boundary",
+            "hsstar-hard",
+        ],
         help="the budget allocation (baselines at the same budget; hsstar-easy/hard: the utility study)",
     )
     parser.add_argument(

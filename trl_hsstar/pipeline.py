@@ -8,7 +8,8 @@
 Round 0 pre-samples every problem. Each later round re-estimates every problem's level from all of its samples so
 far and hands out the next slice of the budget through the pure core (:func:`~trl_hsstar.budget.allocate`). The
 release's method is two rounds: pre-sampling, then one re-sampling round that gets the whole remainder
-(``resample_rounds=1``); the uniform, prop2diff and band baselines are other allocation rules on the same loop.
+(``resample_rounds=1``); the adaptive rule and the uniform, prop2diff, band and knapsack baselines are other
+allocation rules on the same loop.
 A problem trains under the level of the last plan, the one that decided its last samples.
 
 Each phase leaves a file through the phase store (:class:`~trl_hsstar.artifacts.PhaseStore`); a phase whose

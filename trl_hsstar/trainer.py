@@ -647,11 +647,11 @@ class _HSStarBase(Trainer):
                 for k, v in {
                     **self._sampling_knobs(),
                     "chat_template_kwargs": args.chat_template_kwargs,
-                    "calibrate_thresholds": args.calibrate_thresholds or None,
                 }.items()
                 if v not in (None, 0, 1.0)
             },
             **({} if args.min_row_score is None else {"min_row_score": args.min_row_score}),
+            **({"calibrate_thresholds": True} if args.calibrate_thresholds else {}),
         }
 
 
