@@ -191,7 +191,7 @@ def test_the_trainer_runs_the_adaptive_rule_with_calibrated_thresholds_and_the_s
     manifest = json.loads((tmp_path / A.RunManifest.FILE).read_text())
     assert manifest["min_row_score"] == 0.5 and manifest["calibrate_thresholds"] is True
     assert manifest["allocation"] == "hsstar_adaptive" and manifest["resample_rounds"] == 4
-    with pytest.raises(ValueError, match="`min_row_score`: 0.5 -> 0.9"):
+    with pytest.raises(ValueError, match=r"`min_row_score`: 0\.5 -> 0\.9"):
         HSStarTrainer(
             model=str(reasoner_dir),
             args=dataclasses.replace(args, min_row_score=0.9),
