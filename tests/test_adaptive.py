@@ -148,7 +148,9 @@ def test_calibration_falls_back_to_accuracy_when_rewards_do_not_separate(problem
         assert r["level"] == ("easy" if phi_a == 1 else "hard" if phi_a == 0 else "boundary")
 
 
-def test_the_trainer_runs_the_adaptive_rule_with_calibrated_thresholds_and_the_score_filter(reasoner_dir, tmp_path):
+def test_the_trainer_runs_the_adaptive_rule_with_calibrated_thresholds_and_the_score_filter(
+    reasoner_dir, tmp_path
+):
     """The new fields reach the loop through HSStarConfig: a reward function with no published thresholds needs
     none with `calibrate_thresholds`, the adaptive rule spends over its default four rounds, and the stats say
     what the filter dropped; the manifest records the fields, so a resume with other values is refused."""
@@ -177,7 +179,9 @@ def test_the_trainer_runs_the_adaptive_rule_with_calibrated_thresholds_and_the_s
         save_strategy="no",
         disable_tqdm=True,
     )
-    trainer = HSStarTrainer(model=str(reasoner_dir), args=args, train_dataset=dataset, reward_funcs=step_reward)
+    trainer = HSStarTrainer(
+        model=str(reasoner_dir), args=args, train_dataset=dataset, reward_funcs=step_reward
+    )
     trainer.train()
     stats = trainer.iteration_stats[0]
     assert stats["budget_spent"] == 4 * 12 and len(stats["samples_per_round"]) == 5

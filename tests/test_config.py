@@ -42,7 +42,9 @@ def test_release_defaults(tmp_path):
 def test_the_adaptive_allocation_spends_over_four_rounds_by_default(tmp_path):
     assert HSStarConfig(output_dir=str(tmp_path), allocation="hsstar_adaptive").resample_rounds == 4
     assert HSStarConfig(output_dir=str(tmp_path)).resample_rounds == 1  # the release
-    assert HSStarConfig(output_dir=str(tmp_path), allocation="knapsack", resample_rounds=2).resample_rounds == 2
+    assert (
+        HSStarConfig(output_dir=str(tmp_path), allocation="knapsack", resample_rounds=2).resample_rounds == 2
+    )
 
 
 def test_bf16_is_switched_off_without_an_accelerator(tmp_path):
