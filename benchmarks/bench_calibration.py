@@ -12,16 +12,13 @@ by the same rule and thresholds. Three rules: the paper's with thresholds calibr
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import shlex
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
-from bench_methods import write_report
+from bench_methods import publish, script_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKS = ("<!-- bench_calibration:start -->", "<!-- bench_calibration:end -->")
@@ -37,7 +34,6 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "bench_calibration.json"))
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import torch
     from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
 
     from trl_hsstar.difficulty import calibrate_thresholds, estimate_difficulty
@@ -46,7 +42,6 @@ def main(argv=None) -> int:
     from trl_hsstar.toy.experiment import WorldRun, held_out_problems
     from trl_hsstar.toy.world import (
         LEVELS,
-        cpu_name,
         level_of,
         level_problems,
         toy_prm_path,
@@ -106,28 +101,13 @@ def main(argv=None) -> int:
                 for lv in LEVELS
             },
         }
-    meta = {
-        "command": shlex.join(
-            ["python", "benchmarks/bench_calibration.py", *(argv if argv is not None else sys.argv[1:])]
-        ),
-        "machine": f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} CPUs",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "minutes": round((time.monotonic() - started) / 60, 1),
+    meta = script_meta("bench_calibration.py", argv, started)
+    data = {
+        "meta": meta,
+        "calibrated": calibrated,
+        "calibrated_from_reference": from_reference,
+        "rules": results,
     }
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results).write_text(
-        json.dumps(
-            {
-                "meta": meta,
-                "calibrated": calibrated,
-                "calibrated_from_reference": from_reference,
-                "rules": results,
-            },
-            indent=1,
-        )
-        + "\n"
-    )
     lines = [
         MARKS[0],
         "## Thresholds for any PRM: calibration and agreement (`benchmarks/bench_calibration.py`)",
@@ -159,10 +139,7 @@ def main(argv=None) -> int:
         "",
         MARKS[1],
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.output:
-        write_report(Path(args.output), text, marks=MARKS)
+    publish("\n".join(lines), data, results=args.results, output=args.output, marks=MARKS)
     return 0
 
 

@@ -17,14 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from bench_methods import interval95, write_report
+from bench_methods import interval95, publish, script_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKS = ("<!-- bench_grpo:start -->", "<!-- bench_grpo:end -->")
@@ -187,12 +185,11 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "bench_grpo.json"))
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import torch
     import trl
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trl_hsstar.toy.experiment import held_out_problems
-    from trl_hsstar.toy.world import cpu_name, evaluate_levels, toy_reasoner_path
+    from trl_hsstar.toy.world import evaluate_levels, toy_reasoner_path
 
     if args.quick:
         args.seeds, args.num_iterations, args.problems_per_iteration, args.eval_per_level = [0], 1, 24, 10
@@ -224,22 +221,9 @@ def main(argv=None) -> int:
         Path(args.bench_results).exists() and not args.quick
     ):  # --quick trains another M_0: nothing to pair with
         bench = json.loads(Path(args.bench_results).read_text())["records"]
-    meta = {
-        "command": shlex.join(
-            ["python", "benchmarks/bench_grpo.py", *(argv if argv is not None else sys.argv[1:])]
-        ),
-        "machine": f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} CPUs",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "trl": trl.__version__,
-        "minutes": round((time.monotonic() - started) / 60, 1),
-    }
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results).write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
+    meta = script_meta("bench_grpo.py", argv, started, trl=trl.__version__)
     text = section(meta, records, bench, args)
-    print(text)
-    if args.output:
-        write_report(Path(args.output), text, marks=MARKS)
+    publish(text, {"meta": meta, "records": records}, results=args.results, output=args.output, marks=MARKS)
     return 0
 
 

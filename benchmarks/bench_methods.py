@@ -380,6 +380,33 @@ def report(args, records, runs, summary, meta, levels, plots) -> str:
     return "\n".join(lines)
 
 
+def script_meta(script: str, argv, started: float, **extra) -> dict:
+    """What every benchmark records of its invocation: command, machine, torch and its threads, minutes."""
+    import torch
+
+    from trl_hsstar.toy.world import cpu_name
+
+    return {
+        "command": shlex.join(
+            ["python", f"benchmarks/{script}", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "machine": f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} CPUs",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        **extra,
+        "minutes": round((time.monotonic() - started) / 60, 1),
+    }
+
+
+def publish(text: str, data: dict, *, results: str, output: str | None, marks: tuple[str, str]) -> None:
+    """Write the raw records to ``results``, print the section and put it into ``output`` between ``marks``."""
+    Path(results).parent.mkdir(parents=True, exist_ok=True)
+    Path(results).write_text(json.dumps(data, indent=1) + "\n")
+    print(text)
+    if output:
+        write_report(Path(output), text, marks=marks)
+
+
 def write_report(path: Path, section: str, name: str = "", *, marks: tuple[str, str] | None = None) -> None:
     """Put ``section`` between the markers of ``name`` (or ``marks``) in ``path``, else at its end."""
     START, END = marks or markers(name)

@@ -17,15 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
 
-import torch
-from bench_methods import interval95, write_report
+from bench_methods import interval95, publish, script_meta
 from datasets import Dataset
 
 from trl_hsstar.config import HSStarConfig
@@ -34,7 +30,6 @@ from trl_hsstar.models import resolve_model
 from trl_hsstar.records import Problem
 from trl_hsstar.sampling import TransformersSampler
 from trl_hsstar.toy import generate_problems
-from trl_hsstar.toy.world import cpu_name
 from trl_hsstar.trainer import HSStarTrainer
 from trl_hsstar.verify import MathVerifier
 
@@ -216,21 +211,15 @@ def main(argv=None) -> int:
             runs.append(run(method, seed, args, model_path, held, Path(args.work_dir)))
             path.write_text(json.dumps(runs[-1], indent=1) + "\n")
             print(json.dumps(runs[-1]), flush=True)
-    meta = {
-        "command": shlex.join(
-            ["python", "benchmarks/bench_smollm2.py", *(argv if argv is not None else sys.argv[1:])]
-        ),
-        "machine": f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} CPUs",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "minutes": round((time.monotonic() - started) / 60, 1),
-    }
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results).write_text(json.dumps({"meta": meta, "before": before, "runs": runs}, indent=1) + "\n")
+    meta = script_meta("bench_smollm2.py", argv, started)
     text = section(meta, before, runs)
-    print(text)
-    if args.output:
-        write_report(Path(args.output), text, marks=MARKS)
+    publish(
+        text,
+        {"meta": meta, "before": before, "runs": runs},
+        results=args.results,
+        output=args.output,
+        marks=MARKS,
+    )
     return 0
 
 
