@@ -293,3 +293,13 @@ def test_hsstar_train_launches_several_processes(reasoner_dir, tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     stats = json.loads((tmp_path / "iteration-0" / "stats.json").read_text())
     assert stats["num_processes"] == 2 and len(stats["generated_per_process"]) == 2
+
+
+def test_the_iteration_table_of_a_run_without_pre_samples():
+    """num_presamples=0 leaves no pre-sample accuracy: the row shows '-' (it used to raise mid-run)."""
+    from trl_hsstar.trainer import iteration_table
+
+    stats = {"iteration": 0, "levels": {"easy": 0, "boundary": 4, "hard": 0}, "budget_spent": 32}
+    stats |= {"budget_planned": 32, "rows": 7, "presample_accuracy": None, "train_loss": 0.5}
+    row = iteration_table([stats], header=False)
+    assert row.split() == ["0", "0/4/0", "32/32", "7", "-", "0.5000", "-"]

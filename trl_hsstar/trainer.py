@@ -667,10 +667,11 @@ def iteration_table(stats_list: list[dict], header: bool = True) -> str:
         lv = s.get("levels", {})
         loss = s.get("train_loss")
         held = (s.get("eval") or {}).get("greedy")
+        pre = s.get("presample_accuracy")  # None without pre-samples (num_presamples=0)
         rows.append(
             f"{s['iteration']:>9}  {str(lv.get('easy', 0)) + '/' + str(lv.get('boundary', 0)) + '/' + str(lv.get('hard', 0)):>18}  "
             f"{str(s.get('budget_spent')) + '/' + str(s.get('budget_planned')):>11}  {s.get('rows', 0):>5}  "
-            f"{s.get('presample_accuracy', float('nan')):>7.3f}  {'-' if loss is None else f'{loss:.4f}':>7}  "
+            f"{'-' if pre is None else f'{pre:.3f}':>7}  {'-' if loss is None else f'{loss:.4f}':>7}  "
             f"{'-' if held is None else f'{held:.3f}':>8}"
         )
     return "\n".join(rows)
