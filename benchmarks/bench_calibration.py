@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     from trl_hsstar.verify import verify_answer
 
     started = time.monotonic()
-    reasoner = toy_reasoner_path(progress=True)
+    reasoner = toy_reasoner_path(preset="m0", progress=True)  # M_0 of hsstar bench, not the tiny test model
     prm_dir = toy_prm_path(reasoner, progress=True)
     problems = level_problems(LEVELS, args.per_level, seed=args.seed, exclude=held_out_problems())
     tokenizer = AutoTokenizer.from_pretrained(reasoner)
