@@ -44,6 +44,16 @@ def markers(section: str) -> tuple[str, str]:
 
 
 MAIN_METHODS = ("uniform", "hsstar", "prop2diff", "band", "knapsack", "hsstar_adaptive")
+SOURCES = {
+    "uniform": "STaR / RFT / ReST-EM: all B samples up front, train on every problem",
+    "hsstar": "the HS-STaR release (Xiong et al. 2025, arXiv 2505.19866): 3 pre-samples, the rest to boundary problems",
+    "prop2diff": "DART-Math (Tong et al. 2024, arXiv 2407.13690): the rest in proportion to the fail rate",
+    "band": "the pass-rate band of DAPO (Yu et al. 2025, arXiv 2503.14476) and open-r1: the rest to problems solved "
+    "sometimes",
+    "knapsack": "Knapsack RL (Li et al. 2025, arXiv 2509.25849): the rest by marginal knapsack value of each problem",
+    "hsstar_adaptive": "ours (docs/method.md): the rest over 4 rounds, to boundary problems without their quota of rows",
+}
+"""Each method of the main study and its source, printed under the report's setup."""
 OURS = ("hsstar", "hsstar_adaptive")
 """The methods compared seed by seed against every other method."""
 DPO_LR = DPO_LEARNING_RATE  # the world's defaults (trl_hsstar.toy.experiment)
@@ -296,6 +306,8 @@ def report(args, records, runs, summary, meta, levels, plots) -> str:
         "mean ± sd over seeds; `gain` is final minus M_0.",
         "",
         "M_0 per level: " + ", ".join(f"{lv} {meta['initial'][lv]:.2f}" for lv in levels),
+        "",
+        "Methods: " + "; ".join(f"`{m}` {SOURCES[m]}" for m in MAIN_METHODS if m in args.methods) + ".",
         "",
     ]
     for objective, _, lr in tracks(args):
