@@ -377,3 +377,21 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "Z"
+
+
+def test_bench_runs_the_literature_baseline_and_the_adaptive_rule_with_their_sources(world_cache, tmp_path):
+    """`hsstar bench --methods knapsack hsstar_adaptive`: both run at the exact budget and the report names where
+    each method comes from."""
+    from trl_hsstar.cli import main
+
+    report, results = tmp_path / "benchmarks.md", tmp_path / "bench.json"
+    argv = ["bench", "--quick", "--methods", "knapsack", "hsstar_adaptive", "--objectives", "sft"]
+    argv += ["--cache-dir", str(world_cache), "--work-dir", str(tmp_path / "w")]
+    assert main([*argv, "--report", str(report), "--results", str(results)]) == 0
+    text = report.read_text()
+    assert "`knapsack` Knapsack RL (Li et al. 2025, arXiv 2509.25849)" in text
+    assert "hsstar_adaptive minus each other method" in text and "| knapsack | 1 |" in text
+    records = json.loads(results.read_text())["records"]
+    assert sorted(r["run"]["method"] for r in records.values()) == ["hsstar_adaptive", "knapsack"]
+    for rec in records.values():
+        assert all(it["budget_spent"] == it["budget_planned"] for it in rec["iterations"])
