@@ -1,0 +1,177 @@
+"""Cost growth: one HS-STaR iteration on the embedded world at 1k, 4k and 16k problems per iteration.
+
+Each size runs in a fresh process (so that its peak RSS is its own): M_0 of the world and its learned PRM, the
+release's allocation (B=8, n_p=3, SFT), one iteration, no held-out evaluation. The record splits the wall time
+into the loop's phases (from the trainer's per-phase timings) and the report fits the log-log slope of time
+against problems. Target: time grows at most linearly (slope <= 1), peak RSS flat.
+
+    python benchmarks/bench_scale.py --output docs/benchmarks.md                 # 1k, 4k, 16k (about 40 min here)
+    python benchmarks/bench_scale.py --sizes 64 128 --work-dir /tmp/scale        # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_methods import publish, script_meta  # noqa: E402
+
+SECTION = "bench_scale"
+LEVELS = ("4x1", "5x1", "6x1", "7x1", "8x1", "2x2")  # 3x1 has too few distinct problems for 16k
+
+
+def run_one(size: int, work_dir: Path, budget: int, presamples: int) -> dict:
+    """One iteration at ``size`` problems, in this process; returns its record."""
+    import random
+
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
+
+    from trl_hsstar import HSStarConfig, HSStarTrainer
+    from trl_hsstar.toy.world import level_problems, toy_prm_path, toy_reasoner_path
+
+    reasoner = toy_reasoner_path(preset="m0")
+    prm = toy_prm_path(reasoner)
+    pool = level_problems(LEVELS, -(-size // len(LEVELS)), seed=0)
+    random.Random(0).shuffle(pool)
+    problems = pool[:size]
+    longest = max(len(p.rationale()) for p in problems)
+    tokenizer = AutoTokenizer.from_pretrained(reasoner)
+    args = HSStarConfig(
+        output_dir=str(work_dir / f"n{size}"),
+        num_iterations=1,
+        problems_per_iteration=size,
+        sampling_budget=budget,
+        num_presamples=presamples,
+        reward_thresholds=[0.25, 0.5],
+        max_completion_length=longest + 16,
+        generation_batch_size=128,
+        max_rows_per_problem=4,
+        learning_rate=1e-4,
+        per_device_train_batch_size=16,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = HSStarTrainer(
+        model=AutoModelForCausalLM.from_pretrained(reasoner),
+        args=args,
+        train_dataset=Dataset.from_list([p.to_row() for p in problems]),
+        processing_class=tokenizer,
+        reward_funcs=str(prm),
+    )
+    trainer.remove_callback(PrinterCallback)
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    stats = trainer.iteration_stats[0]
+    return {
+        "problems": size,
+        "samples": stats["budget_spent"],
+        "rows": stats["rows"],
+        "wall_seconds": wall,
+        "phase_seconds": {
+            **stats.get("phase_seconds", {}),
+            "training and saving": wall - stats.get("data_seconds", wall),
+        },
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def slope(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of log(y) on log(x)."""
+    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
+
+
+def report(records: list[dict], meta: dict) -> str:
+    records = sorted(records, key=lambda r: r["problems"])
+    phases = sorted({k for r in records for k in r["phase_seconds"]})
+    lines = [
+        "## Cost growth: problems per iteration (`benchmarks/bench_scale.py`)",
+        "",
+        "Target: the time of one iteration grows at most linearly with the problems in it (log-log slope <= 1) and "
+        "peak memory stays flat. One SFT iteration on the world (its M_0 and learned PRM, B=8, n_p=3, levels "
+        f"{', '.join(LEVELS)}), each size in a fresh process.",
+        "",
+        f"Command: `{meta['command']}`. Machine: {meta['machine']}, torch {meta['torch']} with {meta['threads']} "
+        f"threads; {meta['minutes']} minutes in all.",
+        "",
+        "| problems | samples | rows | seconds | seconds per 1k samples | peak RSS (MiB) | "
+        + " | ".join(f"{p} s" for p in phases)
+        + " |",
+        "|---:|---:|---:|---:|---:|---:|" + "---:|" * len(phases),
+    ]
+    for r in records:
+        lines.append(
+            f"| {r['problems']} | {r['samples']} | {r['rows']} | {r['wall_seconds']:.1f} | "
+            f"{1000 * r['wall_seconds'] / r['samples']:.2f} | {r['peak_rss_mib']:.0f} | "
+            + " | ".join(f"{r['phase_seconds'].get(p, 0.0):.1f}" for p in phases)
+            + " |"
+        )
+    if len(records) >= 2:
+        xs = [r["problems"] for r in records]
+        lines += [
+            "",
+            f"Log-log slope of time against problems: **{slope(xs, [r['wall_seconds'] for r in records]):.3f}**; "
+            f"of peak RSS: **{slope(xs, [r['peak_rss_mib'] for r in records]):.3f}** "
+            f"({records[0]['peak_rss_mib']:.0f} -> {records[-1]['peak_rss_mib']:.0f} MiB).",
+        ]
+        for p in phases:
+            ys = [max(r["phase_seconds"].get(p, 0.0), 1e-3) for r in records]
+            lines.append(f"- {p}: slope {slope(xs, ys):.3f}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000, 16000])
+    p.add_argument("--budget", type=int, default=8)
+    p.add_argument("--presamples", type=int, default=3)
+    p.add_argument("--work-dir", type=Path, default=Path("runs/bench-scale"))
+    p.add_argument("--output", type=Path, help="the Markdown file whose bench_scale section is replaced")
+    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "bench_scale.json")
+    p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one size in this process
+    args = p.parse_args(argv)
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    if args.one:
+        record = run_one(args.one, args.work_dir, args.budget, args.presamples)
+        (args.work_dir / f"n{args.one}.json").write_text(json.dumps(record, indent=1))
+        return
+    records = []
+    start = time.monotonic()
+    for size in args.sizes:
+        out = args.work_dir / f"n{size}.json"
+        if not out.exists():  # a rerun keeps the sizes already measured
+            cmd = [sys.executable, __file__, "--one", str(size), "--work-dir", str(args.work_dir)]
+            cmd += ["--budget", str(args.budget), "--presamples", str(args.presamples)]
+            subprocess.run(cmd, check=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+        records.append(json.loads(out.read_text()))
+        print(json.dumps(records[-1]), flush=True)
+    meta = script_meta("bench_scale.py", argv, start)
+    text = report(records, meta)
+    marks = (f"<!-- {SECTION}:start -->", f"<!-- {SECTION}:end -->")
+    publish(
+        marks[0] + "\n" + text + marks[1],
+        {"meta": meta, "records": records},
+        results=str(args.results),
+        output=str(args.output) if args.output else None,
+        marks=marks,
+    )
+
+
+if __name__ == "__main__":
+    main()
