@@ -90,6 +90,34 @@ def run_one(size: int, work_dir: Path, budget: int, presamples: int) -> dict:
     }
 
 
+def verify_rate(path: Path, n: int = 1000) -> dict:
+    """The loop's verifier (one math-verify worker) on GSM8K test answers, each checked right against its own gold
+    answer and wrong against its neighbour's: as plain numbers (``\\boxed{18}``: the fast numeric path) and as LaTeX
+    (``\\boxed{\\frac{36}{2}}``: math-verify's parser)."""
+    from trl_hsstar.verify import MathVerifier
+
+    rows = [json.loads(line) for line in path.read_text().splitlines()[:n]]
+    golds = [r["answer"].split("####")[-1].strip().replace(",", "") for r in rows]
+    wrong = golds[1:] + golds[:1]
+    out = {"same_as_neighbour": sum(a == b for a, b in zip(golds, wrong))}
+    with MathVerifier() as verifier:
+        verifier("\\boxed{\\frac{2}{2}}", "1")  # the worker's start is not a check
+        forms = {"number": golds, "latex": [f"\\frac{{{2 * float(g):g}}}{{2}}" for g in golds]}
+        for form, answers in forms.items():
+            completions = [f"The answer is \\boxed{{{a}}}." for a in answers]
+            start = time.perf_counter()
+            right = verifier.verify_batch(completions, golds)
+            accepted_wrong = verifier.verify_batch(completions, wrong)
+            seconds = time.perf_counter() - start
+            out[form] = {
+                "checks": 2 * len(rows),
+                "per_second": 2 * len(rows) / seconds,
+                "right_accepted": sum(right),
+                "wrong_accepted": sum(accepted_wrong),
+            }
+    return out
+
+
 def slope(xs: list[float], ys: list[float]) -> float:
     """Least-squares slope of log(y) on log(x)."""
     lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
@@ -97,7 +125,7 @@ def slope(xs: list[float], ys: list[float]) -> float:
     return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
 
 
-def report(records: list[dict], meta: dict) -> str:
+def report(records: list[dict], meta: dict, verify: dict | None = None) -> str:
     records = sorted(records, key=lambda r: r["problems"])
     phases = sorted({k for r in records for k in r["phase_seconds"]})
     lines = [
@@ -108,7 +136,7 @@ def report(records: list[dict], meta: dict) -> str:
         f"{', '.join(LEVELS)}), each size in a fresh process.",
         "",
         f"Command: `{meta['command']}`. Machine: {meta['machine']}, torch {meta['torch']} with {meta['threads']} "
-        f"threads; {meta['minutes']} minutes in all.",
+        f"threads; {meta['minutes']} minutes of runs.",
         "",
         "| problems | samples | rows | seconds | seconds per 1k samples | peak RSS (MiB) | "
         + " | ".join(f"{p} s" for p in phases)
@@ -133,6 +161,17 @@ def report(records: list[dict], meta: dict) -> str:
         for p in phases:
             ys = [max(r["phase_seconds"].get(p, 0.0), 1e-3) for r in records]
             lines.append(f"- {p}: slope {slope(xs, ys):.3f}")
+    if verify:
+        num, tex = verify["number"], verify["latex"]
+        lines += [
+            "",
+            f"The verifier, one worker, on {num['checks'] // 2} GSM8K test answers (each checked against its gold "
+            f"answer and against its neighbour's; {verify['same_as_neighbour']} neighbours share the answer): as "
+            f"numbers (the fast path) **{num['per_second']:.0f} checks/s** ({num['right_accepted']} right accepted, "
+            f"{num['wrong_accepted']} wrong accepted); as LaTeX fractions (math-verify's parser) "
+            f"**{tex['per_second']:.0f} checks/s** ({tex['right_accepted']} right accepted, {tex['wrong_accepted']} "
+            "wrong accepted).",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -144,6 +183,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work-dir", type=Path, default=Path("runs/bench-scale"))
     p.add_argument("--output", type=Path, help="the Markdown file whose bench_scale section is replaced")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "bench_scale.json")
+    p.add_argument(
+        "--gsm8k",
+        type=Path,
+        default=ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl",
+        help="GSM8K test split (JSON lines) for the verifier's rate; skipped if missing",
+    )
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one size in this process
     args = p.parse_args(argv)
     args.work_dir.mkdir(parents=True, exist_ok=True)
@@ -161,8 +206,10 @@ def main(argv: list[str] | None = None) -> None:
             subprocess.run(cmd, check=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
         records.append(json.loads(out.read_text()))
         print(json.dumps(records[-1]), flush=True)
+    verify = verify_rate(args.gsm8k) if args.gsm8k.exists() else None
     meta = script_meta("bench_scale.py", argv, start)
-    text = report(records, meta)
+    meta["minutes"] = round(sum(r["wall_seconds"] for r in records) / 60, 1)  # the runs, also when read back
+    text = report(records, meta, verify)
     marks = (f"<!-- {SECTION}:start -->", f"<!-- {SECTION}:end -->")
     publish(
         marks[0] + "\n" + text + marks[1],

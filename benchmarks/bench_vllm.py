@@ -78,6 +78,71 @@ class Bare:
         self.proc.wait(60)
 
 
+def group_cpu(pgid: int) -> dict[int, float]:
+    """CPU seconds (user + system) so far of every live process in process group ``pgid``, by pid."""
+    out = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # field 5 of stat: the process group
+            out[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+class CPUAccount:
+    """Where one side's time goes: the CPU seconds of this process and of each engine process group per run."""
+
+    def __init__(self, groups: dict[str, int]):
+        self.groups = groups
+        self.runs: list[dict[str, float]] = []
+
+    def __call__(self, run):
+        def measured():
+            before = {name: group_cpu(pgid) for name, pgid in self.groups.items()}
+            cpu = time.process_time()
+            result = run()
+            row = {"wall": result[0], "this process": time.process_time() - cpu}
+            for name, pgid in self.groups.items():
+                after = group_cpu(pgid)
+                leader = after.get(pgid, 0.0) - before[name].get(pgid, 0.0)
+                rest = sum(v - before[name].get(pid, 0.0) for pid, v in after.items() if pid != pgid)
+                row[f"{name}: leader"] = leader
+                row[f"{name}: children"] = rest
+            self.runs.append(row)
+            return result
+
+        return measured
+
+    def medians(self) -> dict[str, float]:
+        return {k: statistics.median(r[k] for r in self.runs) for k in self.runs[0]}
+
+
+def one_request(client, ids: list[list[int]], n: int, fields: dict, seed: int) -> tuple[float, int]:
+    """Every prompt in one ``/v1/completions`` request with one seed (the shape of TRL's ``VLLMClient.generate``):
+    what the server costs without one request per prompt."""
+    from trl_hsstar.sampling.vllm_server import _http
+
+    body = {
+        "model": client.model,
+        "prompt": ids,
+        "n": n,
+        "temperature": fields["temperature"],
+        "top_p": fields["top_p"],
+        "max_tokens": fields["max_tokens"],
+        "seed": seed,
+        "return_token_ids": True,
+    }
+    start = time.perf_counter()
+    reply = _http(client._session, "POST", f"{client.base_url}/v1/completions", body, client.request_timeout)
+    seconds = time.perf_counter() - start
+    return seconds, sum(len(c["token_ids"]) for c in reply["choices"])
+
+
 def timed(sampler, prompts, counts, params) -> tuple[float, int]:
     start = time.perf_counter()
     out = sampler.generate(prompts, counts, params)
@@ -144,8 +209,9 @@ def main(argv: list[str] | None = None) -> dict:
     t = time.perf_counter()
     sampler.start()
     engine_start = time.perf_counter() - t
+    engine_cpu = CPUAccount({"engine": sampler.pid})
     sides["bare LLM.generate"] = bare.run
-    sides["VLLMSampler (child engine)"] = lambda: timed(sampler, prompts, counts, params)
+    sides["VLLMSampler (child engine)"] = engine_cpu(lambda: timed(sampler, prompts, counts, params))
     server = client = None
     if args.server:
         server_env = {k: v for k, v in env.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
@@ -160,7 +226,13 @@ def main(argv: list[str] | None = None) -> dict:
         server_start = time.perf_counter() - t
         client = VLLMServerSampler(server.url, tok)
         client.wait_ready()
-        sides["VLLMServerSampler (vllm serve, HTTP)"] = lambda: timed(client, prompts, counts, params)
+        server_cpu = CPUAccount({"server": server.process.pid})
+        sides["VLLMServerSampler (vllm serve, HTTP)"] = server_cpu(
+            lambda: timed(client, prompts, counts, params)
+        )
+        sides["one request, all prompts (TRL's VLLMClient shape)"] = lambda: one_request(
+            client, ids, args.samples_per_prompt, fields, 0
+        )
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     hf = TransformersSampler(model, tok, batch_size=64, progress=False)
     sides["TransformersSampler (generate)"] = lambda: timed(hf, prompts, counts, params)
@@ -221,10 +293,20 @@ def main(argv: list[str] | None = None) -> dict:
         f"The child engine ran at {ratio:.2f}x the throughput of the transformers backend on this request "
         "(batch 64, the same prompts and settings)."
     )
+    accounts = {"child engine": engine_cpu.medians()}
     if server is not None:
+        accounts["server"] = server_cpu.medians()
+        result["cpu_accounts"] = accounts
+        e, v = accounts["child engine"], accounts["server"]
         comparison += (
-            " The server side pays for HTTP and for the API server's own Python process, which shares these two "
-            "cores with the engine; on a GPU node both are small next to generating long completions."
+            "\n\nWhere the time goes (median CPU seconds per run, from `/proc`; the sides share "
+            f"{cores} cores): the child engine side took {e['wall']:.2f} s of wall time, with "
+            f"{e['this process']:.2f} s of CPU in this process (tokenizing, the pipe, decoding) and "
+            f"{e['engine: leader'] + e['engine: children']:.2f} s in the engine. The server side took "
+            f"{v['wall']:.2f} s, with {v['this process']:.2f} s in this process (HTTP client, one request per "
+            f"prompt), {v['server: leader']:.2f} s in the API server process (HTTP, JSON, detokenizing) and "
+            f"{v['server: children']:.2f} s in its engine-core process. One request for every prompt (with one "
+            "seed for all, as TRL's `VLLMClient.generate` sends) is the server without the per-prompt requests."
         )
     shown = list(sys.argv[1:] if argv is None else argv)
     if "--vllm-python" in shown:  # a path of this machine: the command below names it generically

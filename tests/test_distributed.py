@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from helpers import cpu_launch_args, run_group
 
@@ -59,7 +60,23 @@ def _env() -> dict:
     return env
 
 
-def _launch(config: Path, num_processes: int) -> subprocess.CompletedProcess:
+def _config_file(name: str, num_processes: int) -> list[str]:
+    """``accelerate launch`` arguments for a shipped config, on ``num_processes`` processes in float32."""
+    return [
+        "--config_file",
+        str(REPO / "accelerate_configs" / name),
+        "--num_processes",
+        str(num_processes),
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        "0",
+    ]
+
+
+def _launch(
+    config: Path, num_processes: int, launch_args: list[str] | None = None
+) -> subprocess.CompletedProcess:
     if num_processes == 1:
         cmd = [sys.executable, "-m", "trl_hsstar.cli", "train", "--config", str(config)]
     else:
@@ -67,7 +84,7 @@ def _launch(config: Path, num_processes: int) -> subprocess.CompletedProcess:
             sys.executable,
             "-m",
             "accelerate.commands.launch",
-            *cpu_launch_args(num_processes),
+            *(launch_args or cpu_launch_args(num_processes)),
             str(
                 REPO
                 / "recipes"
@@ -160,6 +177,61 @@ def test_levels_and_allocation_are_computed_once_from_the_same_samples(reasoner_
     stats = dst.read_json(A.STATS)
     assert A.samples_file(0) not in stats["phases_computed"] and A.plan_file(1) in stats["phases_computed"]
     assert stats["num_processes"] == 2
+
+
+def _same_iteration_zero(a: Path, b: Path) -> None:
+    """The same levels, allocation and training rows in iteration 0 (the same M_0 and seeds per chunk)."""
+    sa, sb = A.IterationArtifacts(a, 0), A.IterationArtifacts(b, 0)
+    assert sa.read_jsonl(A.plan_file(1)) == sb.read_jsonl(A.plan_file(1))
+    rows = sa.read_jsonl(A.TRAIN_ROWS)
+    assert rows and rows == sb.read_jsonl(A.TRAIN_ROWS)
+
+
+@pytest.mark.slow
+def test_the_shipped_fsdp2_config_on_cpu_processes_runs_as_ddp_and_says_so(reasoner_dir, tmp_path):
+    """FSDP2 through `accelerate launch` with the shipped accelerate_configs/fsdp2.yaml on two CPU processes.
+    accelerate (1.16) applies FSDP to accelerator processes only (GPU, XPU, NPU...): CPU processes get data
+    parallelism. The run works, says so, records it, and gives the levels, allocation and rows of a DDP run.
+    Should a later accelerate shard CPU processes, the first assertion fails: then this test is the FSDP test."""
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    _launch(_config(tmp_path / "ddp.yaml", reasoner_dir, ddp), 2)
+    out = _launch(_config(tmp_path / "fsdp.yaml", reasoner_dir, fsdp), 2, _config_file("fsdp2.yaml", 2))
+    stats = A.IterationArtifacts(fsdp, 0).read_json(A.STATS)
+    assert stats["distributed_type"] == "MULTI_CPU"
+    assert A.IterationArtifacts(ddp, 0).read_json(A.STATS)["distributed_type"] == "MULTI_CPU"
+    assert "accelerate was asked for FSDP but this run is MULTI_CPU" in out.stderr
+    for t in range(2):
+        _check_iteration(fsdp, t, 2)
+    _same_iteration_zero(ddp, fsdp)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+    reason="sharding needs 2 or more CUDA GPUs",
+)
+@pytest.mark.parametrize(("config", "kind"), [("fsdp2.yaml", "FSDP"), ("deepspeed_zero3.yaml", "DEEPSPEED")])
+def test_sharded_training_on_gpus_gives_the_levels_allocation_and_rows_of_ddp(
+    config, kind, reasoner_dir, tmp_path
+):
+    """FSDP2 and ZeRO-3 on two GPUs (the shipped configs, float32): generation goes through TRL's
+    unwrap_model_for_generation (which gathers the shards), each iteration's trainer is rebuilt on the sharded
+    model, and the full-weights save gathers the shards once per iteration; the levels, allocation and rows of
+    iteration 0 equal a DDP run's, and the saved model loads."""
+    if kind == "DEEPSPEED":
+        pytest.importorskip("deepspeed")
+    from transformers import AutoModelForCausalLM
+
+    ddp, sharded = tmp_path / "ddp", tmp_path / "sharded"
+    _launch(_config(tmp_path / "ddp.yaml", reasoner_dir, ddp), 2, _config_file("multi_gpu.yaml", 2))
+    _launch(_config(tmp_path / "sharded.yaml", reasoner_dir, sharded), 2, _config_file(config, 2))
+    for t in range(2):
+        _check_iteration(sharded, t, 2)
+        assert A.IterationArtifacts(sharded, t).read_json(A.STATS)["distributed_type"] == kind
+    _same_iteration_zero(ddp, sharded)
+    saved = AutoModelForCausalLM.from_pretrained(A.IterationArtifacts(sharded, 1).model_dir)
+    reference = AutoModelForCausalLM.from_pretrained(reasoner_dir)
+    assert saved.num_parameters() == reference.num_parameters()  # whole weights, not one shard
 
 
 def test_a_launch_the_trainer_does_not_see_is_refused(monkeypatch, tmp_path):

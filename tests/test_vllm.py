@@ -261,7 +261,10 @@ def test_an_engine_that_does_not_start_in_time_is_stopped(vllm_python, reasoner_
     from trl_hsstar.sampling.vllm_sampler import EngineTimeout
 
     sampler = _cpu_engine(reasoner_dir, vllm_python, tmp_path, startup_timeout=1)
-    with pytest.raises(EngineTimeout, match=r"did not answer the start request within 1 s and was stopped"):
+    with pytest.raises(
+        EngineTimeout,
+        match=r"did not answer the start request within 1 s \(`vllm_server_timeout`\) and was stopped",
+    ):
         greedy(sampler)
     assert sampler.pid is None  # killed, not left running
     sampler.close()
@@ -372,6 +375,71 @@ def test_two_iterations_with_the_engine_reloaded_each_iteration_and_killed_mid_p
         )  # generated once (the lost chunk: never)
     assert (tmp_path / "vllm-0.log").exists()
     assert trainer.generation.engine is None  # the engine was closed
+
+
+@pytest.mark.slow
+def test_an_engine_that_stops_answering_stops_the_run_and_the_rerun_resumes(
+    vllm_python, reasoner_dir, tmp_path, monkeypatch
+):
+    """A real engine, alive but stuck (SIGSTOPped with a re-sampling chunk in flight): the run stops after
+    `vllm_request_timeout` with the setting named, the stuck engine is gone, and rerunning the same command resumes
+    from the last saved chunk: every (problem, slot) exactly once, only the lost chunk generated again."""
+    from trl_hsstar import HSStarTrainer
+    from trl_hsstar.sampling import VLLMSampler
+    from trl_hsstar.sampling.vllm_sampler import EngineTimeout
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    problems = Dataset.from_dict(problems_to_dataset_dict(generate_problems(32, operands=(2, 5), seed=11)))
+    calls = {"n": 0, "stopped": None}
+    real_generate = VLLMSampler.generate
+
+    def generate_and_stall(self, prompts, num_samples, params):
+        calls["n"] += 1
+        if calls["stopped"] is None and calls["n"] == 4 and sum(num_samples) > 0:
+            # 16 samples a chunk: pre-samples in 2 chunks, re-samples in 2, the second of which stalls
+            calls["stopped"] = self.pid
+            os.killpg(self.pid, signal.SIGSTOP)
+        return real_generate(self, prompts, num_samples, params)
+
+    args = loop_args(
+        output_dir=str(tmp_path),
+        num_iterations=1,
+        problems_per_iteration=16,
+        sampling_chunk_size=16,
+        per_device_train_batch_size=8,
+        vllm_python=vllm_python,
+        vllm_engine_kwargs={"enforce_eager": True},
+        vllm_request_timeout=20,
+    )
+
+    def trainer():
+        return HSStarTrainer(
+            model=str(reasoner_dir), args=args, train_dataset=problems, reward_funcs=OracleStepReward()
+        )
+
+    monkeypatch.setattr(VLLMSampler, "generate", generate_and_stall)
+    first = trainer()
+    with pytest.raises(
+        EngineTimeout, match=r"within 20 s \(`vllm_request_timeout`\).*rerun the same command"
+    ):
+        first.train()
+    assert calls["stopped"] is not None
+    with pytest.raises(ProcessLookupError):
+        os.kill(calls["stopped"], 0)  # the stuck engine was stopped, not left behind
+    store = A.IterationArtifacts(tmp_path, 0)
+    saved = len(store.read_jsonl(A.samples_file(0)))  # the pre-samples, merged before the stall
+    assert saved == 2 * 16 and not store.done
+
+    monkeypatch.setattr(VLLMSampler, "generate", real_generate)
+    trainer().train()  # the same command again
+    stats = store.read_json(A.STATS)
+    samples = store.read_jsonl(A.samples_file(0)) + store.read_jsonl(A.samples_file(1))
+    keys = [(s["problem_id"], s["slot"]) for s in samples]
+    assert len(set(keys)) == len(samples) == stats["budget_spent"] == stats["budget_planned"] == 4 * 16
+    plan = store.read_jsonl(A.plan_file(1))
+    assert set(keys) == {(r["problem_id"], j) for r in plan for j in range(2 + r["next_samples"])}
+    # the rerun generated only what was not saved: less than the re-sampling phase (its first chunk was kept)
+    assert 0 < stats["generated_this_run"] < len(samples) - saved
 
 
 @pytest.mark.slow

@@ -187,6 +187,10 @@ class HSStarArguments:
         vllm_server_timeout (`float`, *optional*, defaults to `240.0`):
             Seconds the engine may take to start (or the server to answer) before the run stops with a clear error,
             before any sampling.
+        vllm_request_timeout (`float`, *optional*, defaults to `1800.0`):
+            Seconds the engine may take over one chunk of a phase (the server: over one prompt's samples) before
+            the run stops with a clear error; the chunks saved before are kept, and rerunning the same command
+            resumes. An engine that is alive but stuck would otherwise stall the run.
     """
 
     # iterations
@@ -327,6 +331,12 @@ class HSStarArguments:
         default=240.0,
         metadata={"help": "Seconds the vLLM engine may take to start (or the server to answer)."},
     )
+    vllm_request_timeout: float = field(
+        default=1800.0,
+        metadata={
+            "help": "Seconds the vLLM engine may take over one chunk (the server: one prompt) of a phase."
+        },
+    )
     vllm_gpu_memory_utilization: float = field(
         default=0.3, metadata={"help": "Share of the GPU memory the vLLM engine may take."}
     )
@@ -441,8 +451,11 @@ class HSStarArguments:
             )
         positive_int("vllm_tensor_parallel_size")
         positive_int("vllm_max_model_length", allow_none=True)
-        if not self.vllm_server_timeout > 0:
-            raise ValueError(f"`vllm_server_timeout` must be positive, got {self.vllm_server_timeout!r}.")
+        for name in ("vllm_server_timeout", "vllm_request_timeout"):
+            if isinstance(getattr(self, name), bool) or not getattr(self, name) > 0:
+                raise ValueError(
+                    f"`{name}` must be a positive number of seconds, got {getattr(self, name)!r}."
+                )
         if isinstance(self.vllm_engine_kwargs, str):
             try:
                 self.vllm_engine_kwargs = json.loads(self.vllm_engine_kwargs)

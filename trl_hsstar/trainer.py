@@ -93,8 +93,10 @@ def _load_policy(model, args, quantization_config=None, peft_config=None):
                     "it in one place."
                 )
             kwargs["quantization_config"] = quantization_config
-        if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
-            kwargs["device_map"] = None  # distributed training needs the whole model on each process's device
+        if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED", "FSDP"):
+            kwargs["device_map"] = (
+                None  # each process loads the whole model; DDP moves it, FSDP/ZeRO shard it
+            )
         kwargs.setdefault("trust_remote_code", args.trust_remote_code)
         set_seed(args.seed)
         model = create_model_from_path(model, **kwargs)
@@ -226,6 +228,14 @@ class _HSStarBase(Trainer):
                 "`resume_from_checkpoint` is ignored by HS-STaR trainers: rerunning with the same `output_dir` "
                 "resumes at the first unfinished phase."
             )
+        distributed = self.accelerator.distributed_type.value
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and distributed != "FSDP":
+            # accelerate applies FSDP to GPU-type processes only; CPU processes get plain data parallelism
+            logger.warning(
+                "accelerate was asked for FSDP but this run is %s: it shards only accelerator (GPU/XPU/NPU) "
+                "processes, so these processes hold full replicas (DDP). Levels, allocation and rows are the same.",
+                distributed,
+            )
         if self.accelerator.is_main_process:
             A.RunManifest(args.output_dir).check_or_write(self._manifest())
             if self.skipped_problems:
@@ -297,7 +307,12 @@ class _HSStarBase(Trainer):
                     collective=AccelerateCollective(self.accelerator),
                     progress=not args.disable_tqdm,
                 )
-                stats = {"iteration": t, "sampler": sampler.name, **result.stats}
+                stats = {
+                    "iteration": t,
+                    "sampler": sampler.name,
+                    "distributed_type": distributed,
+                    **result.stats,
+                }
                 reward_metrics, reward_extra = self.rewards.pop_logs()  # what reward functions logged
                 if reward_metrics:
                     stats["reward_metrics"] = reward_metrics

@@ -81,7 +81,12 @@ class Generation:
             from .vllm_server import VLLMServerSampler
 
             url = args.vllm_server_base_url or f"http://{args.vllm_server_host}:{args.vllm_server_port}"
-            sampler = VLLMServerSampler(url, self.processing_class, timeout=args.vllm_server_timeout)
+            sampler = VLLMServerSampler(
+                url,
+                self.processing_class,
+                timeout=args.vllm_server_timeout,
+                request_timeout=args.vllm_request_timeout,
+            )
             sampler.wait_ready()
             return sampler
         base = model_name(self.model)
@@ -129,6 +134,7 @@ class Generation:
             engine_kwargs=engine,
             env=env,
             startup_timeout=args.vllm_server_timeout,
+            request_timeout=args.vllm_request_timeout,
             log_path=os.path.join(args.output_dir, f"vllm-{rank}.log"),
         )
 

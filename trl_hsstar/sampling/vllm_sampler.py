@@ -93,7 +93,7 @@ class EngineError(RuntimeError):
 
 
 class EngineTimeout(EngineError):
-    """The vLLM engine did not answer in time (it was stopped; not restarted)."""
+    """The vLLM engine or server did not answer a request in time (a child engine is stopped, not restarted)."""
 
 
 class EngineReplyError(RuntimeError):
@@ -139,7 +139,8 @@ class VLLMSampler(VLLMBackend):
             ``seed``...). ``model`` and ``tokenizer`` are filled in.
         env: extra environment variables of the engine process (e.g. ``VLLM_CPU_KVCACHE_SPACE``).
         startup_timeout: seconds the engine may take to start.
-        request_timeout: seconds one request may take (``None``: no limit).
+        request_timeout: seconds one request (one chunk of a phase) may take before the engine is stopped and
+            :class:`EngineTimeout` raised (``None``: no limit).
         max_restarts: how many times a dead engine is restarted over the sampler's life.
         stop_strings: strings that end a completion, as EOS does (not included in the text).
         log_path: where the engine's output goes (default: a temporary file); its tail is quoted in errors.
@@ -156,7 +157,7 @@ class VLLMSampler(VLLMBackend):
         engine_kwargs: dict | None = None,
         env: dict | None = None,
         startup_timeout: float = 600.0,
-        request_timeout: float | None = None,
+        request_timeout: float | None = 1800.0,
         max_restarts: int = 1,
         stop_strings: str | Sequence[str] | None = None,
         log_path: str | os.PathLike | None = None,
@@ -269,9 +270,12 @@ class VLLMSampler(VLLMBackend):
                 buffer += chunk
             elif deadline is not None and time.monotonic() >= deadline:
                 self._kill()
+                setting = "vllm_server_timeout" if what == "start" else "vllm_request_timeout"
                 raise EngineTimeout(
-                    f"the vLLM engine did not answer the {what} request within {timeout:.0f} s and was stopped. Its "
-                    f"log ({self.log_path}) ends with:\n{self._log_tail()}"
+                    f"the vLLM engine did not answer the {what} request within {timeout:.0f} s (`{setting}`) and "
+                    "was stopped. The samples saved so far are kept: rerun the same command to resume from the last "
+                    f"saved chunk; raise `{setting}` if it really takes this long. Its log ({self.log_path}) ends "
+                    f"with:\n{self._log_tail()}"
                 )
         reply = json.loads(buffer)
         if not reply.pop("ok"):

@@ -1,8 +1,8 @@
 """Sampling from an external vLLM server (``vllm serve``), reloaded once per iteration through its dev endpoints.
 
 For a policy too large to share its GPUs with a generation engine, or to generate with tensor or data
-parallelism on other GPUs or another node: the server runs on its own, and :class:`VLLMServerSampler` talks to its
-HTTP API with the standard library only.
+parallelism on other GPUs or another node: the server runs on its own (``vllm serve``, the server TRL's GRPO
+server mode uses too), and :class:`VLLMServerSampler` talks to its HTTP API over keep-alive connections.
 
 - Generation: one ``POST /v1/completions`` per prompt (as token ids, ``n`` = its samples, seeded so that sample
   ``j`` draws with :func:`~trl_hsstar.sampling.base.request_seed`'s seed, as the child engine's would), many in
@@ -17,16 +17,17 @@ HTTP API with the standard library only.
 - Sleep: ``POST /sleep?level=1`` and ``POST /wake_up`` free and restore the server's GPU memory.
 
 Failures: a server that is not reachable within ``timeout`` seconds raises :class:`EngineError` naming the URL,
-before any sampling. A server that stops answering in the middle of a request is waited for (up to ``timeout``
-seconds, as a supervisor restarts it) and the request is sent again once; otherwise :class:`EngineError`. In the
-HS-STaR loop a request is one chunk of a phase: the chunks already saved are kept, and a rerun resumes.
+before any sampling. A server that drops a request (it died) is waited for (up to ``timeout`` seconds, as a
+supervisor restarts it), given the current weights or adapter again, and the request is sent again once;
+otherwise :class:`EngineError`. A server that keeps a request without answering for ``request_timeout`` seconds
+(alive but stuck) raises :class:`EngineTimeout`, naming ``vllm_request_timeout``. In the HS-STaR loop a request
+belongs to one chunk of a phase: the chunks already saved are kept, and a rerun resumes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import socket
 import subprocess
@@ -34,22 +35,22 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import requests
+
 from . import vllm_ext
 from .base import Completion
-from .vllm_sampler import EngineError, VLLMBackend, vllm_env
+from .vllm_sampler import EngineError, EngineTimeout, VLLMBackend, vllm_env
 
 __all__ = ["VLLMServer", "VLLMServerSampler", "launch_vllm_server"]
 
 
 class _Unreachable(EngineError):
-    """No answer from the server at all (refused, reset, timed out): it may be restarting."""
+    """No answer from the server at all (refused, reset): it may be restarting."""
 
 
 class _HTTPError(EngineError):
@@ -60,27 +61,42 @@ class _HTTPError(EngineError):
         self.status = status
 
 
-def _http(method: str, url: str, body: dict | None = None, timeout: float | None = 30.0) -> Any:
-    """One JSON request. Returns the decoded reply (``None`` for an empty body, text for a plain-text one); raises
-    :class:`_Unreachable` if the server does not answer, :class:`_HTTPError` if it answers with an error status."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        url, data=data, method=method, headers={"Content-Type": "application/json"}
-    )
+def _session(pool: int) -> requests.Session:
+    """Keep-alive connections, ``pool`` of them, and no retries: a request resent to a server that restarted
+    would sample from the checkpoint it started from, so a resend waits until this iteration's weights are back
+    (:meth:`VLLMServerSampler._recover`)."""
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=pool, max_retries=0)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+def _http(session, method: str, url: str, body: dict | None = None, timeout: float | None = 30.0) -> Any:
+    """One JSON request; the decoded reply (``None`` for an empty body, text for a plain-text one). Raises
+    :class:`_Unreachable` if the server does not answer, :class:`EngineTimeout` if it accepted the request and
+    did not answer within ``timeout`` seconds, :class:`_HTTPError` if it answered with an error status."""
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as reply:
-            text = reply.read()
-    except urllib.error.HTTPError as error:
-        detail = error.read().decode(errors="replace")[:2000]
-        raise _HTTPError(f"{method} {url} failed with HTTP {error.code}: {detail}", error.code) from error
-    except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
+        reply = session.request(method, url, json=body, timeout=(10.0, timeout))
+    except requests.exceptions.ReadTimeout as error:
+        raise EngineTimeout(
+            f"{method} {url} got no answer within {timeout:.0f} s (`vllm_request_timeout`): the server is alive "
+            "but stuck or overloaded. The samples saved so far are kept: rerun the same command to resume from the "
+            "last saved chunk; raise `vllm_request_timeout` if a chunk really takes this long, or lower "
+            "`sampling_chunk_size`."
+        ) from error
+    except requests.exceptions.RequestException as error:  # refused, reset, or no connection in 10 s
         raise _Unreachable(f"{method} {url}: no answer ({error})") from error
-    if not text.strip():
+    if reply.status_code >= 400:
+        raise _HTTPError(
+            f"{method} {url} failed with HTTP {reply.status_code}: {reply.text[:2000]}", reply.status_code
+        )
+    if not reply.content.strip():
         return None
     try:
-        return json.loads(text)
-    except json.JSONDecodeError:  # some endpoints answer in plain text ("Success: LoRA adapter ... added")
-        return text.decode(errors="replace")
+        return reply.json()
+    except ValueError:  # some endpoints answer in plain text ("Success: LoRA adapter ... added")
+        return reply.text
 
 
 class VLLMServerSampler(VLLMBackend):
@@ -91,7 +107,8 @@ class VLLMServerSampler(VLLMBackend):
         tokenizer: the policy's tokenizer (prompts are tokenized here and sent as token ids).
         model: the served model name to request (default: the first one the server lists).
         timeout: seconds to wait for the server to answer ``/health``, at the start and after it stopped answering.
-        request_timeout: seconds one HTTP request may take (``None``: no limit).
+        request_timeout: seconds the server may take to answer one request (one prompt's samples) before the run
+            stops with :class:`~trl_hsstar.sampling.EngineTimeout`.
         max_concurrency: requests (prompts) in flight at once (vLLM batches them).
         stop_strings: strings that end a completion, as EOS does (not included in the text).
     """
@@ -105,7 +122,7 @@ class VLLMServerSampler(VLLMBackend):
         *,
         model: str | None = None,
         timeout: float = 240.0,
-        request_timeout: float | None = 3600.0,
+        request_timeout: float = 1800.0,
         max_concurrency: int = 128,
         stop_strings: str | Sequence[str] | None = None,
     ):
@@ -121,8 +138,9 @@ class VLLMServerSampler(VLLMBackend):
         self.tokenizer = tokenizer
         self.model = model
         self.timeout = float(timeout)
-        self.request_timeout = request_timeout
+        self.request_timeout = float(request_timeout)
         self.max_concurrency = int(max_concurrency)
+        self._session = _session(self.max_concurrency)
         self.stop_strings = list(stop_strings or [])
         self.weights: str | None = None
         self.adapter: str | None = None  # the served name of the LoRA adapter in use
@@ -142,7 +160,7 @@ class VLLMServerSampler(VLLMBackend):
         last: Exception | None = None
         while True:
             try:
-                _http("GET", f"{self.base_url}/health", timeout=10)
+                _http(self._session, "GET", f"{self.base_url}/health", timeout=10)
                 break
             except EngineError as error:
                 last = error
@@ -155,7 +173,7 @@ class VLLMServerSampler(VLLMBackend):
                 )
             time.sleep(0.5)
         if self.model is None:
-            models = _http("GET", f"{self.base_url}/v1/models")
+            models = _http(self._session, "GET", f"{self.base_url}/v1/models")
             self.model = models["data"][0]["id"]
 
     def _post(self, path: str, body: dict | None = None, timeout: float | None = None) -> Any:
@@ -164,11 +182,11 @@ class VLLMServerSampler(VLLMBackend):
         url = f"{self.base_url}{path}"
         epoch = self._epoch
         try:
-            return _http("POST", url, body, timeout or self.request_timeout)
+            return _http(self._session, "POST", url, body, timeout or self.request_timeout)
         except _Unreachable:
             self._recover(epoch)
             try:
-                return _http("POST", url, body, timeout or self.request_timeout)
+                return _http(self._session, "POST", url, body, timeout or self.request_timeout)
             except _Unreachable as error:
                 raise EngineError(
                     f"the vLLM server at {self.base_url} stopped answering ({error}). The samples saved so far are "
@@ -420,6 +438,7 @@ def launch_vllm_server(
             start_new_session=True,
         )
     server = VLLMServer(process, f"http://{host}:{port}", log_path)
+    session = _session(1)
     deadline = time.monotonic() + timeout
     while True:
         if process.poll() is not None:
@@ -428,7 +447,7 @@ def launch_vllm_server(
                 f"with:\n{server.log_tail()}"
             )
         try:
-            _http("GET", f"{server.url}/health", timeout=5)
+            _http(session, "GET", f"{server.url}/health", timeout=5)
             return server
         except EngineError:
             pass
