@@ -413,3 +413,67 @@ def test_vllm_requests_carry_the_sampling_knobs(tok):
     assert fields["extra"] == {"presence_penalty": 0.5}
     _, _, _, off = vllm_request(tok, ["a"], [1], SamplingParams(), stop=None)
     assert (off["top_k"], off["min_p"], off["extra"]) == (-1, 0.0, {})  # vLLM's "off"
+
+
+class _ShardedAccelerator:
+    """What the sampler reads of an ``accelerate.Accelerator`` whose weights are sharded over two processes (FSDP
+    or ZeRO-3: accelerate shards accelerator processes only, so this cannot run on CPU processes). ``gather``
+    stands for the collective: the other process reports ``other_calls`` generate calls."""
+
+    num_processes = 2
+    is_local_main_process = True
+    device = torch.device("cpu")
+
+    def __init__(self, kind: str, other_calls: int):
+        from accelerate.utils import DistributedType
+
+        self.distributed_type = DistributedType[kind]
+        self.other_calls = other_calls
+        self.gathered = []
+
+    def gather(self, tensor):
+        self.gathered.append(int(tensor.item()))
+        return torch.cat([tensor, torch.tensor([self.other_calls])])
+
+
+@pytest.mark.parametrize(("kind", "other_calls", "extra"), [("FSDP", 5, 3), ("DEEPSPEED", 5, 3), ("FSDP", 1, 0)])
+def test_sharded_weights_call_generate_as_often_as_the_busiest_process(
+    model, tok, monkeypatch, kind, other_calls, extra
+):
+    """Under FSDP or ZeRO-3 every forward is collective: a process with fewer batches than another (its last
+    chunk is short, or empty) makes one-token calls after its own, so none waits for a call another never makes;
+    its own samples are what it would draw alone."""
+    import contextlib
+
+    import trl.models.utils as trl_utils
+
+    monkeypatch.setattr(trl_utils, "unwrap_model_for_generation", lambda m, a, **k: contextlib.nullcontext(m))
+    calls = []
+    original = model.generate
+
+    def counting_generate(**kwargs):
+        calls.append(kwargs["max_new_tokens"])
+        return original(**kwargs)
+
+    monkeypatch.setattr(model, "generate", counting_generate)
+    accelerator = _ShardedAccelerator(kind, other_calls)
+    sampler = TransformersSampler(model, tok, batch_size=2, accelerator=accelerator, progress=False)
+    results = sampler.generate(PROMPTS, [1, 1, 0, 2], GREEDY)  # 4 samples in batches of 2: 2 calls
+    assert accelerator.gathered == [2]
+    assert calls == [GREEDY.max_new_tokens] * 2 + [1] * extra
+    monkeypatch.setattr(model, "generate", original)
+    alone = TransformersSampler(model, tok, batch_size=2, progress=False).generate(PROMPTS, [1, 1, 0, 2], GREEDY)
+    assert results == alone
+
+
+def test_data_parallel_processes_do_not_synchronize_generate_calls(model, tok, monkeypatch):
+    import contextlib
+
+    import trl.models.utils as trl_utils
+
+    monkeypatch.setattr(trl_utils, "unwrap_model_for_generation", lambda m, a, **k: contextlib.nullcontext(m))
+    accelerator = _ShardedAccelerator("MULTI_CPU", 5)
+    TransformersSampler(model, tok, batch_size=2, accelerator=accelerator, progress=False).generate(
+        PROMPTS, [1, 1, 0, 2], GREEDY
+    )
+    assert accelerator.gathered == []  # whole weights on each process: nothing to wait for

@@ -144,6 +144,15 @@ class TransformersSampler(Sampler):
             stack.enter_context(torch.no_grad())
             yield model
 
+    def _lockstep_calls(self, calls: int) -> int:
+        """How many times this process must call ``generate``: its own ``calls``, or, where the weights are sharded
+        across processes (ZeRO-3, FSDP: every forward and ``generate``'s synced steps are collective), the most any
+        process needs, so that none waits for a call another never makes."""
+        acc = self.accelerator
+        if acc is None or acc.num_processes < 2 or acc.distributed_type.value not in ("DEEPSPEED", "FSDP"):
+            return calls
+        return int(acc.gather(torch.tensor([calls], device=acc.device)).max())
+
     def _show_progress(self) -> bool:
         if not self.progress:
             return False
@@ -237,7 +246,8 @@ class TransformersSampler(Sampler):
             kwargs.update(pad_token_id=pad_id, eos_token_id=eos_ids or None)
             device = _model_device(model)
             eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
-            for b in range(0, len(order), self.batch_size):
+            batches = range(0, len(order), self.batch_size)
+            for b in batches:
                 batch = order[b : b + self.batch_size]
                 width = len(encoded[batch[0]])  # the longest prompt of the batch comes first
                 input_ids = [[pad_id] * (width - len(encoded[i])) + encoded[i] for i in batch]
@@ -250,6 +260,13 @@ class TransformersSampler(Sampler):
                 for i, completion in zip(batch, self._finish(output[:, width:], eos)):
                     results[i].append(completion)
                 bar.update(len(batch))
+            for _ in range(self._lockstep_calls(len(batches)) - len(batches)):
+                # sharded weights: as many generate calls as the busiest process, after the real ones (so that
+                # this process's samples do not depend on the others')
+                one = torch.tensor([[pad_id]], dtype=torch.long, device=device)
+                model.generate(
+                    input_ids=one, attention_mask=torch.ones_like(one), **{**kwargs, "max_new_tokens": 1}
+                )
 
         self._record(results, time.perf_counter() - start)
         return results
