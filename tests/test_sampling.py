@@ -436,7 +436,9 @@ class _ShardedAccelerator:
         return torch.cat([tensor, torch.tensor([self.other_calls])])
 
 
-@pytest.mark.parametrize(("kind", "other_calls", "extra"), [("FSDP", 5, 3), ("DEEPSPEED", 5, 3), ("FSDP", 1, 0)])
+@pytest.mark.parametrize(
+    ("kind", "other_calls", "extra"), [("FSDP", 5, 3), ("DEEPSPEED", 5, 3), ("FSDP", 1, 0)]
+)
 def test_sharded_weights_call_generate_as_often_as_the_busiest_process(
     model, tok, monkeypatch, kind, other_calls, extra
 ):
@@ -462,7 +464,9 @@ def test_sharded_weights_call_generate_as_often_as_the_busiest_process(
     assert accelerator.gathered == [2]
     assert calls == [GREEDY.max_new_tokens] * 2 + [1] * extra
     monkeypatch.setattr(model, "generate", original)
-    alone = TransformersSampler(model, tok, batch_size=2, progress=False).generate(PROMPTS, [1, 1, 0, 2], GREEDY)
+    alone = TransformersSampler(model, tok, batch_size=2, progress=False).generate(
+        PROMPTS, [1, 1, 0, 2], GREEDY
+    )
     assert results == alone
 
 
