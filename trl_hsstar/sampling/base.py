@@ -25,6 +25,8 @@ __all__ = [
     "encode_prompt",
     "expand_requests",
     "request_seed",
+    "stop_list",
+    "text_tokenizer",
     "validate_request",
 ]
 
@@ -157,6 +159,21 @@ def encode_prompt(tokenizer, prompt: str, index: int = 0) -> list[int]:
             f"`prompts[{index}]` is empty after tokenization; a prompt needs at least one token."
         )
     return ids
+
+
+def text_tokenizer(tokenizer):
+    """The text tokenizer of a processor (its ``.tokenizer``), or the tokenizer itself."""
+    if not hasattr(tokenizer, "batch_decode") and hasattr(tokenizer, "tokenizer"):
+        return tokenizer.tokenizer
+    return tokenizer
+
+
+def stop_list(stop_strings: str | Sequence[str] | None) -> list[str]:
+    """``stop_strings`` as a list (one string is a list of one); each must be a non-empty string."""
+    stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or ())
+    if not all(isinstance(s, str) and s for s in stops):
+        raise ValueError(f"`stop_strings` must be non-empty strings, got {stop_strings!r}.")
+    return stops
 
 
 def request_seed(seed: int, prompt_index: int, sample_index: int) -> int:

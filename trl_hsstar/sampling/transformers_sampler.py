@@ -35,7 +35,16 @@ import torch
 from tqdm.auto import tqdm
 
 from .._utils import eval_mode
-from .base import Completion, Sampler, SamplingParams, encode_prompt, expand_requests, validate_request
+from .base import (
+    Completion,
+    Sampler,
+    SamplingParams,
+    encode_prompt,
+    expand_requests,
+    stop_list,
+    text_tokenizer,
+    validate_request,
+)
 
 __all__ = ["TransformersSampler"]
 
@@ -109,19 +118,12 @@ class TransformersSampler(Sampler):
     ):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
-        if isinstance(stop_strings, str):
-            stop_strings = [stop_strings]
-        stop_strings = tuple(stop_strings or ())
-        if not all(isinstance(s, str) and s for s in stop_strings):
-            raise ValueError(f"`stop_strings` must be non-empty strings, got {stop_strings!r}.")
-        if not hasattr(tokenizer, "batch_decode") and hasattr(tokenizer, "tokenizer"):
-            tokenizer = tokenizer.tokenizer
         self.model = model
-        self.tokenizer = tokenizer
+        self.tokenizer = text_tokenizer(tokenizer)
         self.batch_size = batch_size
         self.accelerator = accelerator
         self.progress = progress
-        self.stop_strings = stop_strings
+        self.stop_strings = tuple(stop_list(stop_strings))
 
     # -- helpers -------------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import select
+import signal
 import subprocess
 import sys
 import tempfile
@@ -45,6 +46,8 @@ from .base import (
     SamplingParams,
     encode_prompt,
     request_seed,
+    stop_list,
+    text_tokenizer,
     validate_request,
 )
 
@@ -88,6 +91,30 @@ def vllm_request(tokenizer, prompts: Sequence[str], num_samples: Sequence[int], 
     return wanted, ids, seeds, fields
 
 
+def stop_process_group(proc: subprocess.Popen, grace: float = 0.0) -> None:
+    """Stop a process started with ``start_new_session=True`` and all it started: SIGTERM and up to ``grace``
+    seconds to exit (with none, straight to SIGKILL), then SIGKILL."""
+    if proc.poll() is None and grace > 0:
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(grace)
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            proc.kill()
+    proc.wait()
+
+
+def log_tail(path: Path, n: int = 3000) -> str:
+    """The last ``n`` characters of a log file ("" if it cannot be read), to quote in an error."""
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return ""
+
+
 class EngineError(RuntimeError):
     """The vLLM engine failed to start, died, or did not answer in time."""
 
@@ -104,8 +131,9 @@ class VLLMBackend(Sampler):
     """What the vLLM backends share: a request becomes token ids, one seed per sample and vLLM's sampling fields
     (:func:`vllm_request`); a backend implements :meth:`_generate_ids` to draw the samples of such a request."""
 
-    tokenizer: Any
-    stop_strings: list[str]
+    def __init__(self, tokenizer: Any, stop_strings: str | Sequence[str] | None = None):
+        self.tokenizer = text_tokenizer(tokenizer)
+        self.stop_strings = stop_list(stop_strings)
 
     @abc.abstractmethod
     def _generate_ids(self, ids: list[list[int]], seeds: list[list], fields: dict) -> list[list[Completion]]:
@@ -162,12 +190,8 @@ class VLLMSampler(VLLMBackend):
         stop_strings: str | Sequence[str] | None = None,
         log_path: str | os.PathLike | None = None,
     ):
-        if isinstance(stop_strings, str):
-            stop_strings = [stop_strings]
-        if not hasattr(tokenizer, "batch_decode") and hasattr(tokenizer, "tokenizer"):
-            tokenizer = tokenizer.tokenizer
+        super().__init__(tokenizer, stop_strings)
         self.model = str(model)
-        self.tokenizer = tokenizer
         self.python = python or sys.executable
         if not Path(self.python).exists():
             raise ValueError(
@@ -184,7 +208,6 @@ class VLLMSampler(VLLMBackend):
         self.request_timeout = request_timeout
         self.max_restarts = max_restarts
         self.restarts = 0
-        self.stop_strings = list(stop_strings or [])
         self.log_path = (
             Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="hsstar-vllm-", suffix=".log")[1])
         )
@@ -200,12 +223,6 @@ class VLLMSampler(VLLMBackend):
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
-
-    def _log_tail(self, n: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
 
     def start(self) -> None:
         """Start the engine (done on the first request); a no-op if it is running. An engine started after
@@ -235,12 +252,7 @@ class VLLMSampler(VLLMBackend):
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, 9)
-            except OSError:
-                proc.kill()
-        proc.wait()
+        stop_process_group(proc)
         for stream in (proc.stdin, proc.stdout):
             with contextlib.suppress(OSError):
                 stream.close()
@@ -265,7 +277,7 @@ class VLLMSampler(VLLMBackend):
                 if not chunk:
                     raise EngineError(
                         f"the vLLM engine exited (code {proc.wait()}) during the {what} request. Its log "
-                        f"({self.log_path}) ends with:\n{self._log_tail()}"
+                        f"({self.log_path}) ends with:\n{log_tail(self.log_path)}"
                     )
                 buffer += chunk
             elif deadline is not None and time.monotonic() >= deadline:
@@ -275,7 +287,7 @@ class VLLMSampler(VLLMBackend):
                     f"the vLLM engine did not answer the {what} request within {timeout:.0f} s (`{setting}`) and "
                     "was stopped. The samples saved so far are kept: rerun the same command to resume from the last "
                     f"saved chunk; raise `{setting}` if it really takes this long. Its log ({self.log_path}) ends "
-                    f"with:\n{self._log_tail()}"
+                    f"with:\n{log_tail(self.log_path)}"
                 )
         reply = json.loads(buffer)
         if not reply.pop("ok"):

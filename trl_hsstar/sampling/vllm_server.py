@@ -26,7 +26,6 @@ belongs to one chunk of a phase: the chunks already saved are kept, and a rerun 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import socket
@@ -44,7 +43,7 @@ import requests
 
 from . import vllm_ext
 from .base import Completion
-from .vllm_sampler import EngineError, EngineTimeout, VLLMBackend, vllm_env
+from .vllm_sampler import EngineError, EngineTimeout, VLLMBackend, log_tail, stop_process_group, vllm_env
 
 __all__ = ["VLLMServer", "VLLMServerSampler", "launch_vllm_server"]
 
@@ -130,18 +129,13 @@ class VLLMServerSampler(VLLMBackend):
             raise ValueError(
                 f"`vllm_server_base_url` must be an http(s) URL such as 'http://127.0.0.1:8000', got {base_url!r}."
             )
-        if isinstance(stop_strings, str):
-            stop_strings = [stop_strings]
-        if not hasattr(tokenizer, "batch_decode") and hasattr(tokenizer, "tokenizer"):
-            tokenizer = tokenizer.tokenizer
+        super().__init__(tokenizer, stop_strings)
         self.base_url = base_url.rstrip("/")
-        self.tokenizer = tokenizer
         self.model = model
         self.timeout = float(timeout)
         self.request_timeout = float(request_timeout)
         self.max_concurrency = int(max_concurrency)
         self._session = _session(self.max_concurrency)
-        self.stop_strings = list(stop_strings or [])
         self.weights: str | None = None
         self.adapter: str | None = None  # the served name of the LoRA adapter in use
         self._adapter_path: str | None = None
@@ -348,21 +342,10 @@ class VLLMServer:
         self.process, self.url, self.log_path = process, url, log_path
 
     def log_tail(self, n: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
+        return log_tail(self.log_path, n)
 
     def close(self, timeout: float = 30.0) -> None:
-        if self.process.poll() is None:
-            with contextlib.suppress(OSError):
-                os.killpg(self.process.pid, 15)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(OSError):
-                    os.killpg(self.process.pid, 9)
-                self.process.wait()
+        stop_process_group(self.process, grace=timeout)
 
     def __enter__(self) -> VLLMServer:
         return self
