@@ -1,4 +1,4 @@
-"""The README's examples run and print what they say they print."""
+"""The README's and the docs' examples run and print what they say they print; the docs site builds."""
 
 from __future__ import annotations
 
@@ -7,7 +7,32 @@ import io
 import re
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
+DOCS = README.parent / "docs"
+BLOCK = re.compile(
+    r"(?:<!-- docs-test: skip(?: \((?P<reason>[^)]*)\))? -->\n)?```python\n(?P<code>.*?)```", re.DOTALL
+)
+SLOW_PAGES = {"trainer.md"}  # its first example trains two iterations
+
+
+def _blocks(page: Path) -> list[tuple[int, str, str | None]]:
+    """(line, code, skip reason or None) of each Python block of a page; a skip marker without a reason is ""."""
+    text = page.read_text()
+    return [
+        (
+            text[: m.start("code")].count("\n"),
+            m.group("code"),
+            m.group("reason") if "docs-test" in m.group(0) else None,
+        )
+        for m in BLOCK.finditer(text)
+    ]
+
+
+def _pages() -> list:
+    pages = [p for p in sorted(DOCS.glob("*.md")) if any(skip is None for _, _, skip in _blocks(p))]
+    return [pytest.param(p.name, marks=pytest.mark.slow) if p.name in SLOW_PAGES else p.name for p in pages]
 
 
 def test_readme_python_examples_run_as_written(world_cache, tmp_path, monkeypatch):
@@ -35,3 +60,52 @@ def test_every_test_named_in_reliability_md_exists():
     for path, name in sorted(named):
         source = (README.parent / path).read_text()
         assert f"def {name}(" in source, f"docs/reliability.md names {path}::{name}, which does not exist"
+
+
+@pytest.mark.parametrize("page", _pages())
+def test_the_python_examples_of_each_docs_page_run_as_written(page, world_cache, tmp_path, monkeypatch):
+    """A page's blocks run in order in one namespace (a later block may use an earlier one's names); each
+    ``print(...)  # prints X`` prints X."""
+    monkeypatch.setenv("TRL_HSSTAR_CACHE", str(world_cache))
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for line, code, skip in _blocks(DOCS / page):
+        if skip is not None:
+            continue
+        expected = [text.split("# prints ", 1)[1] for text in code.splitlines() if "# prints " in text]
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(compile(code, f"{DOCS / page}:{line}", "exec"), namespace)
+        printed = out.getvalue().strip().splitlines()
+        assert [p for p in printed if p in expected] == expected, f"docs/{page}:{line} printed {printed}"
+
+
+def test_every_docs_example_runs_or_says_why_not():
+    """Every Python block of the docs is run by the test above, unless a marker before it gives the reason."""
+    blocks = {p.name: _blocks(p) for p in sorted(DOCS.glob("*.md"))}
+    total = sum(len(b) for b in blocks.values())
+    skipped = [(page, line, skip) for page, b in blocks.items() for line, _, skip in b if skip is not None]
+    assert total >= 15, "the docs lost their examples"
+    assert all(reason.strip() for _, _, reason in skipped), f"a skip marker without its reason: {skipped}"
+    assert len(skipped) <= 2, f"more examples skipped than the two that need vLLM or a download: {skipped}"
+
+
+def test_the_docs_site_builds_strict(tmp_path):
+    """mkdocs with the generated API and configuration references: a broken link, anchor or docstring fails."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=README.parent,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    config = (tmp_path / "site" / "reference" / "config" / "index.html").read_text()
+    for name in ("sampling_budget", "num_presamples", "reward_thresholds", "vllm_request_timeout"):
+        assert f"<code>{name}</code>" in config, f"the configuration reference lacks {name}"
+    api = (tmp_path / "site" / "reference" / "api" / "index.html").read_text()
+    assert "estimate_difficulty" in api and "HSStarTrainer" in api
