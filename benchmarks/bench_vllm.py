@@ -149,6 +149,10 @@ def timed(sampler, prompts, counts, params) -> tuple[float, int]:
     return time.perf_counter() - start, sum(c.num_tokens for cs in out for c in cs)
 
 
+# vLLM's CPU defaults for the LLM class (a server gets half of each)
+TUNED_SERVER_ARGS = ["--max-num-seqs", "256", "--max-num-batched-tokens", "4096"]
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vllm-python", default=os.environ.get("HSSTAR_VLLM_PYTHON"))
@@ -163,6 +167,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument(
         "--server", action="store_true", help="also time VLLMServerSampler against a vllm server"
+    )
+    parser.add_argument(
+        "--tuned-server",
+        action="store_true",
+        help="with --server, a second server given the LLM class's scheduler limits (vLLM's CPU defaults for a "
+        "server are half of them: --max-num-seqs 128 and --max-num-batched-tokens 2048 against 256 and 4096)",
     )
     parser.add_argument("--output", type=Path, default=None, help="markdown file whose section to (re)write")
     args = parser.parse_args(argv)
@@ -233,6 +243,21 @@ def main(argv: list[str] | None = None) -> dict:
         sides["one request, all prompts (TRL's VLLMClient shape)"] = lambda: one_request(
             client, ids, args.samples_per_prompt, fields, 0
         )
+    tuned = None
+    if args.server and args.tuned_server:
+        tuned = launch_vllm_server(
+            model_dir,
+            python=args.vllm_python,
+            args=["--seed", "0", "--enable-prefix-caching", *TUNED_SERVER_ARGS],
+            env=server_env,
+            log_path=work / "server-tuned.log",
+        )
+        tuned_client = VLLMServerSampler(tuned.url, tok)
+        tuned_client.wait_ready()
+        tuned_cpu = CPUAccount({"server": tuned.process.pid})
+        sides[f"VLLMServerSampler, `{' '.join(TUNED_SERVER_ARGS)}`"] = tuned_cpu(
+            lambda: timed(tuned_client, prompts, counts, params)
+        )
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     hf = TransformersSampler(model, tok, batch_size=64, progress=False)
     sides["TransformersSampler (generate)"] = lambda: timed(hf, prompts, counts, params)
@@ -263,8 +288,9 @@ def main(argv: list[str] | None = None) -> dict:
     fresh_seconds = time.perf_counter() - t
     fresh.close()
     bare.close()
-    if server is not None:
-        server.close()
+    for started in (server, tuned):
+        if started is not None:
+            started.close()
     load_after = os.getloadavg()
 
     n = len(prompts) * args.samples_per_prompt
@@ -307,6 +333,13 @@ def main(argv: list[str] | None = None) -> dict:
             f"prompt), {v['server: leader']:.2f} s in the API server process (HTTP, JSON, detokenizing) and "
             f"{v['server: children']:.2f} s in its engine-core process. One request for every prompt (with one "
             "seed for all, as TRL's `VLLMClient.generate` sends) is the server without the per-prompt requests."
+        )
+    if tuned is not None:
+        accounts["tuned server"] = t_acc = tuned_cpu.medians()
+        comparison += (
+            f" The server given the LLM class's scheduler limits (`{' '.join(TUNED_SERVER_ARGS)}`; vLLM's CPU "
+            "defaults for a server are 128 and 2048) took "
+            f"{t_acc['wall']:.2f} s, {t_acc['server: children']:.2f} s of it in its engine-core process."
         )
     shown = list(sys.argv[1:] if argv is None else argv)
     if "--vllm-python" in shown:  # a path of this machine: the command below names it generically
