@@ -282,6 +282,7 @@ class HostileSampler(Sampler):
         return out
 
 
+@pytest.mark.slow
 def test_empty_and_one_megabyte_completions(reasoner_dir, problems, tmp_path):
     store, stats = _run(
         reasoner_dir,

@@ -14,7 +14,7 @@ DOCS = README.parent / "docs"
 BLOCK = re.compile(
     r"(?:<!-- docs-test: skip(?: \((?P<reason>[^)]*)\))? -->\n)?```python\n(?P<code>.*?)```", re.DOTALL
 )
-SLOW_PAGES = {"trainer.md"}  # its first example trains two iterations
+SLOW_PAGES = {"trainer.md", "verification.md"}  # two trained iterations; a 5 s verifier bound
 
 
 def _blocks(page: Path) -> list[tuple[int, str, str | None]]:
@@ -90,6 +90,7 @@ def test_every_docs_example_runs_or_says_why_not():
     assert len(skipped) <= 2, f"more examples skipped than the two that need vLLM or a download: {skipped}"
 
 
+@pytest.mark.slow
 def test_the_docs_site_builds_strict(tmp_path):
     """mkdocs with the generated API and configuration references: a broken link, anchor or docstring fails."""
     import subprocess

@@ -244,7 +244,15 @@ def timed_scores(completion: str) -> dict:
 
 
 @pytest.mark.parametrize("context", CONTEXTS)
-@pytest.mark.parametrize("case", list(HOSTILE))
+@pytest.mark.parametrize(
+    "case",
+    [  # the megabyte and 100,000-deep cases take seconds each: the slow tier
+        pytest.param(c, marks=pytest.mark.slow)
+        if c.startswith(("mega_random", "mega_steps", "deep_boxes"))
+        else c
+        for c in HOSTILE
+    ],
+)
 def test_reward_sources_on_hostile_input(case, context, tmp_path, request, record_property):
     completion, _, _, sentinel = materialise(case, tmp_path)
     if context == "main":

@@ -152,6 +152,7 @@ def test_one_progress_bar_per_phase(reasoner_dir, tmp_path, capsys):
     assert not [b for b in bars if b == "sampling" or "dataset" in b or "split" in b], bars
 
 
+@pytest.mark.slow
 def test_accelerate_launch_runs_the_toy_recipe(reasoner_dir, tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [
@@ -276,6 +277,7 @@ def test_a_grpo_recipe_carries_over(tmp_path):
         parse(["--config", "toy_cpu", "--epsilon", "0.2", "--output_dir", str(tmp_path)])
 
 
+@pytest.mark.slow
 def test_hsstar_train_launches_several_processes(reasoner_dir, tmp_path):
     """Arguments that are not fields go to `accelerate launch`, as with `trl sft`: two processes from the CLI."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -175,6 +175,7 @@ def _check_in_child(args):
 PAIRS = [("\\boxed{\\frac{1}{2}}", "0.5"), ("\\boxed{x+1}", "1+x"), ("#### 4", "5"), (HOSTILE[0], "3")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("start_method", ["spawn", "fork"])
 def test_works_in_worker_processes(start_method):
     ctx = multiprocessing.get_context(start_method)

@@ -240,6 +240,7 @@ def test_lora_adapter_served_on_the_base_matches_peft(vllm_python, reasoner_dir,
         sampler.close()
 
 
+@pytest.mark.slow
 def test_an_engine_that_cannot_start_fails_with_its_log(vllm_python, tmp_path):
     from trl_hsstar.sampling import EngineError, VLLMSampler
 

@@ -276,6 +276,7 @@ def test_demo_prints_the_table_and_writes_plots(world_cache, tmp_path, capsys, m
     assert fresh_output_dir(tmp_path / "new") == tmp_path / "new"
 
 
+@pytest.mark.slow
 def test_bench_quick_writes_the_report_and_records(world_cache, tmp_path, monkeypatch, capsys):
     from trl_hsstar.cli import main
 
@@ -345,6 +346,7 @@ def _children(pid: int) -> list[int]:
 @pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="reads /proc; the workers' guard is Linux-only"
 )
+@pytest.mark.slow
 def test_a_killed_bench_takes_its_worker_processes_with_it(world_cache, tmp_path):
     import subprocess
     import time

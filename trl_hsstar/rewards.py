@@ -472,6 +472,19 @@ def encode_math_shepherd(
     return ids, positions
 
 
+def _check_head(model, batch_size, max_length, positive_label, *, min_labels: int = 1) -> int:
+    """The settings a reward model's head shares, checked; returns ``max_length`` (the model's own if unset). A head
+    with fewer than ``min_labels`` labels has no class to pick (a one-label ORM is a regression head)."""
+    _positive_int(batch_size, "batch_size")
+    _positive_int(max_length, "max_length", allow_none=True)
+    if isinstance(positive_label, bool) or not isinstance(positive_label, int) or positive_label < 0:
+        raise ValueError(f"positive_label must be a non-negative int, got {positive_label!r}")
+    num_labels = getattr(getattr(model, "config", None), "num_labels", None)
+    if isinstance(num_labels, int) and num_labels >= min_labels and positive_label >= num_labels:
+        raise ValueError(f"positive_label={positive_label} but the model has num_labels={num_labels}")
+    return config_max_length(model) if max_length is None else max_length
+
+
 class ProcessRewardModel(RewardSource):
     r"""A process reward model (PRM): a probability per step that the step is correct, aggregated into S(r).
 
@@ -554,15 +567,7 @@ class ProcessRewardModel(RewardSource):
         aggregate_step_rewards([], aggregation)  # validates `aggregation`
         if not isinstance(step_separator, str) or not step_separator:
             raise ValueError(f"step_separator must be a non-empty string, got {step_separator!r}")
-        _positive_int(batch_size, "batch_size")
-        _positive_int(max_length, "max_length", allow_none=True)
-        if max_length is None:
-            max_length = config_max_length(model)
-        if isinstance(positive_label, bool) or not isinstance(positive_label, int) or positive_label < 0:
-            raise ValueError(f"positive_label must be a non-negative int, got {positive_label!r}")
-        num_labels = getattr(getattr(model, "config", None), "num_labels", None)
-        if isinstance(num_labels, int) and positive_label >= num_labels:
-            raise ValueError(f"positive_label={positive_label} but the model has num_labels={num_labels}")
+        max_length = _check_head(model, batch_size, max_length, positive_label)
         if layout == "math-shepherd" and system_prompt is not None:
             raise ValueError("system_prompt is only used by layout='qwen-prm'")
         if layout == "qwen-prm" and not getattr(tokenizer, "chat_template", None):
@@ -695,15 +700,7 @@ class OutcomeRewardModel(RewardSource):
         positive_label: int = 1,
         name: str | None = None,
     ):
-        _positive_int(batch_size, "batch_size")
-        _positive_int(max_length, "max_length", allow_none=True)
-        if max_length is None:
-            max_length = config_max_length(model)
-        if isinstance(positive_label, bool) or not isinstance(positive_label, int) or positive_label < 0:
-            raise ValueError(f"positive_label must be a non-negative int, got {positive_label!r}")
-        num_labels = getattr(getattr(model, "config", None), "num_labels", None)
-        if isinstance(num_labels, int) and num_labels >= 2 and positive_label >= num_labels:
-            raise ValueError(f"positive_label={positive_label} but the model has num_labels={num_labels}")
+        max_length = _check_head(model, batch_size, max_length, positive_label, min_labels=2)
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
