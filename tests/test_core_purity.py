@@ -11,7 +11,7 @@ import pytest
 
 import trl_hsstar
 
-CORE = ["difficulty", "budget", "selection"]
+CORE = ["difficulty", "budget", "selection", "checks"]
 HEAVY = ["torch", "transformers", "trl", "accelerate", "datasets", "peft", "numpy", "math_verify"]
 
 

@@ -48,6 +48,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .checks import check_int
 from .difficulty import Difficulty, Level
 
 __all__ = ["STRATEGIES", "Allocation", "allocate", "presamples_for"]
@@ -79,10 +80,8 @@ class Allocation:
 
 
 def _check_budget(budget: int, num_presamples: int) -> None:
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-        raise ValueError(f"`sampling_budget` must be a positive integer, got {budget!r}.")
-    if isinstance(num_presamples, bool) or not isinstance(num_presamples, int) or num_presamples < 0:
-        raise ValueError(f"`num_presamples` must be a non-negative integer, got {num_presamples!r}.")
+    check_int(budget, "sampling_budget")
+    check_int(num_presamples, "num_presamples", minimum=0)
     if num_presamples > budget:
         raise ValueError(
             f"`num_presamples` ({num_presamples}) exceeds `sampling_budget` ({budget}): pre-sampling cannot "

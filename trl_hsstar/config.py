@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from trl import DPOConfig, SFTConfig
 
 from .budget import STRATEGIES, presamples_for
+from .checks import check_int
 from .difficulty import ESTIMATORS, validate_thresholds
 from .rewards import AGGREGATIONS
 from .sampling.base import SamplingParams
@@ -358,11 +359,7 @@ class HSStarArguments:
         """Check every HS-STaR field; raise ``ValueError`` naming the field and the fix."""
 
         def positive_int(name: str, allow_none: bool = False) -> None:
-            value = getattr(self, name)
-            if value is None and allow_none:
-                return
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+            check_int(getattr(self, name), name, allow_none=allow_none)
 
         if self.resample_rounds is None:
             self.resample_rounds = 4 if self.allocation == "hsstar_adaptive" else 1

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._utils import eval_mode
+from .checks import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -314,13 +315,6 @@ def _model_name(model: Any, default: str) -> str:
     return path.rstrip("/").split("/")[-1] or default
 
 
-def _positive_int(value: Any, what: str, allow_none: bool = False) -> None:
-    if allow_none and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
-
-
 POSITION_LIMIT_FIELDS = ("max_position_embeddings", "n_positions", "max_seq_len")
 """Config fields read, in this order, for the longest sequence a model takes (the default ``max_length``)."""
 
@@ -475,10 +469,9 @@ def encode_math_shepherd(
 def _check_head(model, batch_size, max_length, positive_label, *, min_labels: int = 1) -> int:
     """The settings a reward model's head shares, checked; returns ``max_length`` (the model's own if unset). A head
     with fewer than ``min_labels`` labels has no class to pick (a one-label ORM is a regression head)."""
-    _positive_int(batch_size, "batch_size")
-    _positive_int(max_length, "max_length", allow_none=True)
-    if isinstance(positive_label, bool) or not isinstance(positive_label, int) or positive_label < 0:
-        raise ValueError(f"positive_label must be a non-negative int, got {positive_label!r}")
+    check_int(batch_size, "batch_size")
+    check_int(max_length, "max_length", allow_none=True)
+    check_int(positive_label, "positive_label", minimum=0)
     num_labels = getattr(getattr(model, "config", None), "num_labels", None)
     if isinstance(num_labels, int) and num_labels >= min_labels and positive_label >= num_labels:
         raise ValueError(f"positive_label={positive_label} but the model has num_labels={num_labels}")

@@ -29,6 +29,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .checks import check_int
 from .difficulty import Level
 
 __all__ = ["ScoredSample", "group_by_problem", "quota_filled", "select_dpo_pairs", "select_sft_rows"]
@@ -78,11 +79,6 @@ def _wanted(levels_to_train: Collection[Level | str]) -> set[Level]:
         ) from None
 
 
-def _check_cap(value: object, name: str) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}.")
-
-
 def _dedupe_key(completion: Any) -> Any:
     return completion if isinstance(completion, str) else repr(completion)
 
@@ -130,7 +126,7 @@ def select_sft_rows(
         Rows ``{"prompt", "completion", "problem_id", "sample_id", "score", "rank"}``, problems in order of first
         appearance, each problem's rows best first.
     """
-    _check_cap(max_rows_per_problem, "max_rows_per_problem")
+    check_int(max_rows_per_problem, "max_rows_per_problem", allow_none=True)
     wanted = _wanted(train_levels)
     rows: list[dict] = []
     for problem_id, group in group_by_problem(samples).items():
@@ -180,7 +176,7 @@ def select_dpo_pairs(
         Rows ``{"prompt", "chosen", "rejected", "problem_id", "chosen_id", "rejected_id", "chosen_score",
         "rejected_score"}``, shuffled.
     """
-    _check_cap(max_pairs_per_problem, "max_pairs_per_problem")
+    check_int(max_pairs_per_problem, "max_pairs_per_problem", allow_none=True)
     wanted = _wanted(train_levels)
     rng = random.Random(seed)
     pairs: list[dict] = []

@@ -38,6 +38,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 
+from .checks import check_int
+
 __all__ = [
     "MathVerifier",
     "extract_answer",
@@ -361,8 +363,7 @@ class MathVerifier:
     ):
         if not timeout > 0:
             raise ValueError(f"`timeout` must be positive, got {timeout!r}.")
-        if not isinstance(num_workers, int) or num_workers < 1:
-            raise ValueError(f"`num_workers` must be a positive integer, got {num_workers!r}.")
+        check_int(num_workers, "num_workers")
         self.timeout = float(timeout)
         self.last_number_fallback = last_number_fallback
         self.max_answer_chars = max_answer_chars

@@ -6,7 +6,7 @@ A backend (transformers ``generate``, vLLM, a server) is one subclass of :class:
 accounting (:meth:`Sampler._record`), so callers can report samples and tokens per second whatever the
 backend.
 
-This module imports only the standard library.
+This module imports only the standard library (and `trl_hsstar.checks`, which does too).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import math
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from ..checks import check_int
 
 __all__ = [
     "Completion",
@@ -40,8 +42,7 @@ def _check_params(temperature: object, top_p: object, max_new_tokens: object, se
         raise ValueError(f"`temperature` must be finite and >= 0 (0 means greedy), got {temperature!r}.")
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         raise ValueError(f"`top_p` must be in (0, 1], got {top_p!r}.")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"`max_new_tokens` must be an integer >= 1, got {max_new_tokens!r}.")
+    check_int(max_new_tokens, "max_new_tokens")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ValueError(f"`seed` must be an integer or None, got {seed!r}.")
 
@@ -140,8 +141,7 @@ def validate_request(prompts: Sequence[str], num_samples: Sequence[int], params:
                 f"`prompts[{i}]` must be a str (render chat prompts before sampling), got {type(prompt).__name__}."
             )
     for i, n in enumerate(num_samples):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"`num_samples[{i}]` must be a non-negative int, got {n!r}.")
+        check_int(n, f"num_samples[{i}]", minimum=0)
     if not isinstance(params, SamplingParams):
         raise ValueError(f"`params` must be a SamplingParams, got {type(params).__name__}.")
     _check_params(params.temperature, params.top_p, params.max_new_tokens, params.seed)

@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._utils import eval_mode
+from ..checks import check_int
 from .base import (
     Completion,
     Sampler,
@@ -116,8 +117,7 @@ class TransformersSampler(Sampler):
         progress: bool = True,
         stop_strings: str | Sequence[str] | None = None,
     ):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+        check_int(batch_size, "batch_size")
         self.model = model
         self.tokenizer = text_tokenizer(tokenizer)
         self.batch_size = batch_size

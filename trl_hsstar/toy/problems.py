@@ -28,6 +28,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
+from ..checks import check_int
+
 STEP_SEPARATOR = "\n\n"
 """Separates the steps of a rationale (a blank line)."""
 
@@ -273,8 +275,7 @@ def generate_problems(
     Raises:
         ValueError: on invalid arguments, or when fewer than ``n`` distinct problems exist (``unique``).
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    check_int(n, "n", minimum=0)
     k_low, k_high = _as_range(operands, "operands", 2)
     d_low, d_high = _as_range(digits, "digits", 1)
     if not isinstance(ops, str) or not ops or not set(ops) <= set(VALID_OPS):
