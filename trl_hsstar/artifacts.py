@@ -37,6 +37,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from ._utils import publish_dir as _publish_dir
+
 __all__ = ["FORMAT_VERSION", "IterationArtifacts", "PhaseStore", "RunManifest", "atomic_write_text"]
 
 FORMAT_VERSION = 2
@@ -113,10 +115,7 @@ class IterationArtifacts:
 
     def publish_dir(self, tmp_dir: str | os.PathLike, name: str) -> None:
         """Move a fully written directory into place under ``name`` (replacing a stale one)."""
-        target = self.path(name)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp_dir, target)
+        _publish_dir(tmp_dir, self.path(name))
 
     def tmp_dir(self, name: str, create: bool = True) -> Path:
         """The temporary directory to write ``name`` into before :meth:`publish_dir` (the same path in every

@@ -16,6 +16,8 @@ import os
 import shutil
 from pathlib import Path
 
+from ._utils import publish_dir
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["cache_root", "check_trainable", "dequantized_gguf", "resolve_model", "sha256_file"]
@@ -90,10 +92,7 @@ def dequantized_gguf(path: str | os.PathLike, *, cache_dir: str | os.PathLike | 
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    if target.exists():  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
+    publish_dir(tmp, target, keep_existing=True)  # another process may have finished first
     return target
 
 

@@ -31,7 +31,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._utils import eval_mode
+from ._utils import eval_mode, short_model_name
 from .checks import check_int
 
 logger = logging.getLogger(__name__)
@@ -310,11 +310,6 @@ def _check_pairs(prompts: Any, completions: Any) -> None:
 # Model plumbing shared by the PRM and the ORM
 
 
-def _model_name(model: Any, default: str) -> str:
-    path = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
-    return path.rstrip("/").split("/")[-1] or default
-
-
 POSITION_LIMIT_FIELDS = ("max_position_embeddings", "n_positions", "max_seq_len")
 """Config fields read, in this order, for the longest sequence a model takes (the default ``max_length``)."""
 
@@ -591,7 +586,7 @@ class ProcessRewardModel(RewardSource):
         if layout == "qwen-prm" and system_prompt is None:
             system_prompt = QWEN_PRM_SYSTEM_PROMPT
         self.system_prompt = system_prompt
-        self.name = name or _model_name(model, "prm")
+        self.name = name or short_model_name(model, "prm")
 
     # -- encoding ------------------------------------------------------------------------------------
 
@@ -699,7 +694,7 @@ class OutcomeRewardModel(RewardSource):
         self.batch_size = batch_size
         self.max_length = max_length
         self.positive_label = positive_label
-        self.name = name or _model_name(model, "orm")
+        self.name = name or short_model_name(model, "orm")
 
     def _text(self, prompt: Any, completion: Any) -> str:
         if isinstance(prompt, str):

@@ -12,20 +12,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
+from ._utils import model_name
 from .difficulty import lookup_thresholds
 from .rewards import as_reward_source, check_rewards, combine_rewards, reward_source_name
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["RunRewards", "load_reward_model", "model_name"]
-
-
-def model_name(obj) -> str | None:
-    """A model's id or path: the string itself, or ``config._name_or_path`` of a model instance."""
-    if isinstance(obj, str):
-        return obj
-    config = getattr(obj, "config", None)
-    return getattr(config, "_name_or_path", None) or None
 
 
 class RunRewards:

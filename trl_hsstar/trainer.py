@@ -49,7 +49,7 @@ from trl.trainer.utils import create_model_from_path
 
 from . import artifacts as A
 from ._compat import load_checkpoint, save_model_without_push
-from ._utils import quiet_progress_bars
+from ._utils import publish_dir, quiet_progress_bars, short_model_name
 from .callbacks import emit
 from .config import HSStarConfig, HSStarDPOConfig
 from .data import (
@@ -117,7 +117,7 @@ def _load_policy(model, args, quantization_config=None, peft_config=None):
 def _resolve_args(model, args, config_cls, suffix: str, train_dataset):
     """The trainer's config (a default one named after the model if none is given), checked."""
     if args is None:
-        name = (model_name(model) or "model").rstrip("/").split("/")[-1]
+        name = short_model_name(model, "model")
         args = config_cls(output_dir=f"{name}-{suffix}")
     if not isinstance(args, config_cls):
         raise TypeError(f"`args` must be an {config_cls.__name__}, got {type(args).__name__}.")
@@ -458,10 +458,9 @@ class _HSStarBase(Trainer):
 
     def _publish_checkpoint(self, src: str, step: int) -> None:
         """Move a pass's checkpoint to ``output_dir/checkpoint-<run step>``; keep the newest ``save_total_limit``."""
-        dst = os.path.join(self.args.output_dir, f"checkpoint-{step}")
-        if os.path.isdir(dst):  # left by an interrupted attempt at this iteration
-            shutil.rmtree(dst)
-        os.replace(src, dst)
+        publish_dir(
+            src, os.path.join(self.args.output_dir, f"checkpoint-{step}")
+        )  # replaces an interrupted one
         limit = self.args.save_total_limit
         if limit:
             steps = sorted(

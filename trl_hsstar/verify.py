@@ -28,16 +28,15 @@ import json
 import os
 import queue
 import re
-import select
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 
+from ._utils import read_line
 from .checks import check_int
 
 __all__ = [
@@ -284,21 +283,11 @@ class _Worker:
             )
 
     def _read_line(self, timeout: float) -> bytes | None:
-        fd = self.proc.stdout.fileno()
-        deadline = time.monotonic() + timeout
-        buf = b""
-        while not buf.endswith(b"\n"):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            ready, _, _ = select.select([fd], [], [], remaining)
-            if not ready:
-                return None
-            chunk = os.read(fd, 64)
-            if not chunk:
-                return None  # the worker died
-            buf += chunk
-        return buf
+        """The worker's next line, or ``None`` if it overran ``timeout`` or died."""
+        try:
+            return read_line(self.proc.stdout.fileno(), timeout)
+        except (TimeoutError, EOFError):
+            return None
 
     def check(self, pred: str, ref: str, timeout: float) -> bool | None:
         """The verdict, or ``None`` if the worker overran ``timeout`` or died (it is then killed)."""

@@ -29,7 +29,6 @@ import contextlib
 import json
 import logging
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .._utils import read_line
 from . import vllm_ext
 from .base import (
     Completion,
@@ -266,30 +266,23 @@ class VLLMSampler(VLLMBackend):
             proc.stdin.flush()
         except (BrokenPipeError, OSError) as error:
             raise EngineError(f"the vLLM engine died before the {what} request: {error}") from error
-        deadline = None if timeout is None else time.monotonic() + timeout
-        fd = proc.stdout.fileno()
-        buffer = b""
-        while not buffer.endswith(b"\n"):
-            wait = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
-            ready, _, _ = select.select([fd], [], [], wait)
-            if ready:
-                chunk = os.read(fd, 1 << 20)
-                if not chunk:
-                    raise EngineError(
-                        f"the vLLM engine exited (code {proc.wait()}) during the {what} request. Its log "
-                        f"({self.log_path}) ends with:\n{log_tail(self.log_path)}"
-                    )
-                buffer += chunk
-            elif deadline is not None and time.monotonic() >= deadline:
-                self._kill()
-                setting = "vllm_server_timeout" if what == "start" else "vllm_request_timeout"
-                raise EngineTimeout(
-                    f"the vLLM engine did not answer the {what} request within {timeout:.0f} s (`{setting}`) and "
-                    "was stopped. The samples saved so far are kept: rerun the same command to resume from the last "
-                    f"saved chunk; raise `{setting}` if it really takes this long. Its log ({self.log_path}) ends "
-                    f"with:\n{log_tail(self.log_path)}"
-                )
-        reply = json.loads(buffer)
+        try:
+            line = read_line(proc.stdout.fileno(), timeout)
+        except EOFError:
+            raise EngineError(
+                f"the vLLM engine exited (code {proc.wait()}) during the {what} request. Its log "
+                f"({self.log_path}) ends with:\n{log_tail(self.log_path)}"
+            ) from None
+        except TimeoutError:
+            self._kill()
+            setting = "vllm_server_timeout" if what == "start" else "vllm_request_timeout"
+            raise EngineTimeout(
+                f"the vLLM engine did not answer the {what} request within {timeout:.0f} s (`{setting}`) and "
+                "was stopped. The samples saved so far are kept: rerun the same command to resume from the last "
+                f"saved chunk; raise `{setting}` if it really takes this long. Its log ({self.log_path}) ends "
+                f"with:\n{log_tail(self.log_path)}"
+            ) from None
+        reply = json.loads(line)
         if not reply.pop("ok"):
             raise EngineReplyError(f"the vLLM engine failed the {what} request:\n{reply['error']}")
         return reply

@@ -20,6 +20,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from .._utils import publish_dir
 from ..models import cache_root, sha256_file
 from .problems import ArithmeticProblem, generate_problems
 
@@ -216,21 +217,22 @@ def shipped(name: str) -> Path | None:
 
 
 def _save(model, tokenizer, path: Path, files: dict[str, object]) -> None:
-    """Write a model, its tokenizer and JSON ``files`` to a temporary directory, then rename it to ``path``."""
+    """Write a model, its tokenizer and JSON ``files`` to a temporary directory, then rename it to ``path``; the
+    weights' sha256 goes into ``build.json``."""
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if "build.json" in files:
+        files = {
+            **files,
+            "build.json": {**files["build.json"], "sha256": sha256_file(tmp / "model.safetensors")},
+        }
     for name, content in files.items():
         (tmp / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
-    if path.exists():  # `hsstar world build` replaces what it built before
-        shutil.rmtree(path)
-    try:
-        os.replace(tmp, path)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
+    publish_dir(tmp, path)  # `hsstar world build` replaces what it built before
 
 
 def _cached(kind: str, identity: dict, cache_dir) -> Path:
@@ -258,9 +260,6 @@ def _write_reasoner(path: Path, preset: str, settings: dict, *, progress: bool =
     if preset != "tiny":
         files["levels.json"] = evaluate_levels(model, tokenizer, held_out_problems(), progress=progress)
     _save(model, tokenizer, path, {**files, "build.json": build})
-    record = json.loads((path / "build.json").read_text())
-    record["sha256"] = sha256_file(path / "model.safetensors")
-    (path / "build.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return path
 
 
@@ -442,9 +441,6 @@ def _write_prm(path: Path, reasoner_dir: Path, settings: dict, *, progress: bool
     build = {"torch_threads": torch.get_num_threads(), "cpu": cpu_name(), "examples": len(examples)}
     files = {"toy_prm.json": {**settings, "world_version": WORLD_VERSION}, "prm_metrics.json": metrics}
     _save(model, tokenizer, path, {**files, "build.json": build})
-    record = json.loads((path / "build.json").read_text())
-    record["sha256"] = sha256_file(path / "model.safetensors")
-    (path / "build.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return path
 
 
