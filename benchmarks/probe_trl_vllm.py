@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import sys
 import threading
 import time
@@ -29,45 +28,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "trl_hsstar" / "toy" / "checkpoints" / "tiny"
+sys.path.insert(0, str(REPO / "tests"))
+from helpers.stuck_server import StuckServer  # noqa: E402  (standard library only)
 
 
 def _error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-
-
-class _StuckServer:
-    """Answers ``/health`` and ``/v1/models`` as vLLM's server does, and keeps every POST unanswered."""
-
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.posts = 0
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    def _handle(self, conn):
-        while True:
-            head = conn.recv(65536).decode(errors="replace")
-            if not head:
-                return
-            if head.startswith("POST"):
-                self.posts += 1
-                return  # read, never answered (the socket stays open)
-            body = json.dumps({"data": [{"id": "policy"}]} if "/v1/models" in head else {}).encode()
-            conn.sendall(
-                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                + f"Content-Length: {len(body)}\r\n\r\n".encode()
-                + body
-            )
 
 
 def probe_client(wait: float) -> dict:
@@ -81,7 +47,7 @@ def probe_client(wait: float) -> dict:
         out["vllm_importable"] = False
     from trl.generation.vllm_client import VLLMClient
 
-    server = _StuckServer()
+    server = StuckServer()
     try:
         client = VLLMClient(base_url=server.url, connection_timeout=5)
     except Exception as exc:  # no vLLM here: the constructor refuses
