@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,16 +96,13 @@ def test_every_docs_example_runs_or_says_why_not():
 @pytest.mark.slow
 def test_the_docs_site_builds_strict(tmp_path):
     """mkdocs with the generated API and configuration references: a broken link, anchor or docstring fails."""
-    import subprocess
-    import sys
-
     out = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
         cwd=README.parent,
         capture_output=True,
         text=True,
         timeout=600,
-        env={**__import__("os").environ, "NO_MKDOCS_2_WARNING": "1"},
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     config = (tmp_path / "site" / "reference" / "config" / "index.html").read_text()

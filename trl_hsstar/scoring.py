@@ -18,7 +18,7 @@ from .rewards import as_reward_source, check_rewards, combine_rewards, reward_so
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RunRewards", "load_reward_model", "model_name"]
+__all__ = ["RunRewards", "load_reward_model"]
 
 
 class RunRewards:

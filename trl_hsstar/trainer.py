@@ -49,7 +49,7 @@ from trl.trainer.utils import create_model_from_path
 
 from . import artifacts as A
 from ._compat import load_checkpoint, save_model_without_push
-from ._utils import publish_dir, quiet_progress_bars, short_model_name
+from ._utils import model_name, publish_dir, quiet_progress_bars, short_model_name
 from .callbacks import emit
 from .config import HSStarConfig, HSStarDPOConfig
 from .data import (
@@ -68,7 +68,7 @@ from .pipeline import PipelineEvents, PipelineSettings, run_iteration
 from .records import Problem
 from .sampling import Sampler, SamplingParams
 from .sampling.engine import Generation
-from .scoring import RunRewards, model_name
+from .scoring import RunRewards
 from .verify import MathVerifier
 
 logger = logging.getLogger(__name__)
@@ -458,9 +458,8 @@ class _HSStarBase(Trainer):
 
     def _publish_checkpoint(self, src: str, step: int) -> None:
         """Move a pass's checkpoint to ``output_dir/checkpoint-<run step>``; keep the newest ``save_total_limit``."""
-        publish_dir(
-            src, os.path.join(self.args.output_dir, f"checkpoint-{step}")
-        )  # replaces an interrupted one
+        dst = os.path.join(self.args.output_dir, f"checkpoint-{step}")
+        publish_dir(src, dst)  # replaces one left by an interrupted attempt at this iteration
         limit = self.args.save_total_limit
         if limit:
             steps = sorted(

@@ -13,8 +13,8 @@ import os
 import torch
 
 from .._compat import keep_bnb_4bit_weights_trainable_on_cpu
+from .._utils import model_name
 from ..config import _accelerator_available
-from ..scoring import model_name
 from .base import Sampler
 from .transformers_sampler import TransformersSampler
 
