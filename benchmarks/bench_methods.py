@@ -392,6 +392,22 @@ def report(args, records, runs, summary, meta, levels, plots) -> str:
     return "\n".join(lines)
 
 
+def portable_command(argv: Sequence[str]) -> str:
+    """``argv`` as a shell command with no path of this machine in it: a path inside the checkout becomes relative
+    to it, any other absolute path a variable named after its option (``--work-dir "$WORK_DIR"``)."""
+    out, option = [], None
+    for token in argv:
+        if os.path.isabs(token):
+            path = Path(token).resolve()
+            if path.is_relative_to(ROOT):
+                token = str(path.relative_to(ROOT))
+            else:
+                token = "$" + (option or "--path").lstrip("-").replace("-", "_").upper()
+        out.append(token)
+        option = token if token.startswith("--") else None
+    return " ".join(f'"{t}"' if t.startswith("$") else shlex.quote(t) for t in out)
+
+
 def script_meta(script: str, argv, started: float, **extra) -> dict:
     """What every benchmark records of its invocation: command, machine, torch and its threads, minutes."""
     import torch

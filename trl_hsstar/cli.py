@@ -26,6 +26,9 @@
 ``hsstar bench [--quick] ...``
     The equal-budget comparison of the allocation methods on the world (``benchmarks/bench_methods.py``): writes
     ``docs/benchmarks.md`` and a results JSON.
+``hsstar bench --protocol [--objectives sft] [--report-only] ...``
+    The pre-registered study of ``docs/protocol.md`` (``benchmarks/bench_study.py``): a record per run, the report
+    generated from the records.
 """
 
 from __future__ import annotations
@@ -78,13 +81,18 @@ def _bench(args: argparse.Namespace) -> int:
     import runpy
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_methods.py"
+    bench_args = list(args.bench_args)
+    name = "bench_methods.py"
+    if "--protocol" in bench_args:  # the pre-registered study of docs/protocol.md
+        bench_args.remove("--protocol")
+        name = "bench_study.py"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / name
     if not script.exists():
         raise SystemExit(
-            f"`hsstar bench` runs benchmarks/bench_methods.py from a source checkout, and {script} does not exist: "
+            f"`hsstar bench` runs benchmarks/{name} from a source checkout, and {script} does not exist: "
             "clone the repository and install it with `pip install -e .`."
         )
-    argv, sys.argv = sys.argv, [str(script), *args.bench_args]
+    argv, sys.argv = sys.argv, [str(script), *bench_args]
     try:
         runpy.run_path(str(script), run_name="__main__")
     except SystemExit as exit:  # the script ends with sys.exit(main()), or stops with a message
@@ -196,7 +204,8 @@ def make_parser() -> argparse.ArgumentParser:
     demo_parser.set_defaults(func=_demo)
     bench_parser = sub.add_parser(
         "bench",
-        help="the equal-budget comparison of allocation methods on the world: hsstar bench [--quick]",
+        help="the equal-budget comparison of allocation methods on the world: hsstar bench [--quick]; the "
+        "pre-registered study of docs/protocol.md: hsstar bench --protocol",
         add_help=False,
     )
     bench_parser.add_argument("bench_args", nargs=argparse.REMAINDER, help="see hsstar bench --help")

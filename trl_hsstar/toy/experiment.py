@@ -134,6 +134,7 @@ def _per_world_level(iteration_dir: Path) -> dict[str, Any]:
     rows_file = iteration_dir / "train_rows.jsonl"
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
     clean = sum(all(label_steps(r["problem_id"], r.get("completion", r.get("chosen")))) for r in rows)
+    per_problem = Counter(Counter(r["problem_id"] for r in rows).values())  # rows a problem gave -> problems
     for row in store.read_jsonl(A.plan_file(store.rounds() - 1)):
         world = level_of(ArithmeticProblem.from_expression(row["problem_id"]))
         levels.setdefault(world, Counter())[row["level"]] += 1
@@ -141,6 +142,7 @@ def _per_world_level(iteration_dir: Path) -> dict[str, Any]:
         "levels_by_world_level": {w: dict(c) for w, c in sorted(levels.items())},
         "samples_by_world_level": dict(sorted(spent.items())),
         "clean_row_share": clean / len(rows) if rows else None,
+        "problems_by_row_count": {str(n): per_problem[n] for n in sorted(per_problem)},
     }
 
 
@@ -239,6 +241,8 @@ def run_world(
                 "samples_on_hard": per_level.get("hard", 0),
                 "presample_accuracy": stats["presample_accuracy"],
                 "train_loss": stats.get("train_loss"),
+                "train_steps": stats.get("train_steps"),
+                "problems_with_rows": stats.get("problems_with_rows"),
                 **_per_world_level(output_dir / f"iteration-{t}"),
             }
         )

@@ -1,0 +1,623 @@
+"""The pre-registered study of docs/protocol.md: hsstar against uniform at equal generated samples, powered.
+
+``hsstar bench --protocol`` runs it. Per objective (SFT first, then DPO) and seed, five arms from the shipped M_0
+on the seed's problems:
+
+* ``uniform`` and ``hsstar`` at equal samples: the primary comparison, ``hsstar - uniform`` paired by seed;
+* ``uniform-again``: uniform with another procedure seed (sampling, tie-breaks, data order) on the same problems,
+  so that ``uniform-again - uniform`` is the noise floor measured inside the study;
+* ``hsstar-steps`` and ``uniform-steps``: the same pair at equal optimizer steps per iteration (``max_steps``:
+  each method's rows cut or repeated to the same number of updates).
+
+The primary endpoint is the mean held-out greedy accuracy after the last two iterations on the levels M_0 can learn
+(3x1 to 8x1, 400 problems each). Each run's record (its commit, command and machine in it) is written to
+``--records`` as it finishes; a rerun skips finished runs, so the study can span sessions. The report is generated
+from the records alone (``--report-only`` regenerates it without running anything) and replaces the section between
+``<!-- bench_study:start -->`` and ``<!-- bench_study:end -->``.
+
+    hsstar bench --protocol --objectives sft            # SFT's 20 seeds x 5 arms (about 2 hours on 2 cores)
+    hsstar bench --protocol --report-only               # the report from the committed records
+    hsstar bench --protocol --quick --work-dir /tmp/q   # a smoke test on the tiny reasoner
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_methods import _worker, check_work_dir, portable_command, write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+MARKS = ("<!-- bench_study:start -->", "<!-- bench_study:end -->")
+
+# -- the protocol's fixed numbers (docs/protocol.md); changing one is a new protocol
+
+SEEDS = 20
+"""Seeds per objective: the power calculation asks for more than 20 under SFT's prior sd, so 20 (the issue's cap)."""
+ENDPOINT_LEVELS = ("3x1", "4x1", "5x1", "6x1", "7x1", "8x1")
+"""The levels M_0 can learn: 2x2 is left out (M_0 and every run of the earlier study scored 0.00 on it)."""
+EVAL_PER_LEVEL = 400
+ENDPOINT_ITERATIONS = 2
+"""The endpoint averages the held-out accuracy after the last this-many iterations."""
+EQUAL_STEPS = {"sft": 17, "dpo": 12}
+"""Optimizer steps per iteration of the equal-steps setting: the mean of hsstar's and uniform's steps per
+iteration in the earlier study (SFT 14 and 20, DPO 12.3 and 11), rounded."""
+AGAIN_SEED_OFFSET = 10_000
+"""The same-procedure arm's procedure seed: seed + this, on the problems of seed."""
+ARMS = {  # name: (method, equal steps, procedure seed offset)
+    "uniform": ("uniform", False, 0),
+    "hsstar": ("hsstar", False, 0),
+    "uniform-again": ("uniform", False, AGAIN_SEED_OFFSET),
+    "hsstar-steps": ("hsstar", True, 0),
+    "uniform-steps": ("uniform", True, 0),
+}
+PRIMARY = ("hsstar", "uniform")
+NOISE_FLOOR = ("uniform-again", "uniform")
+EQUAL_STEPS_PAIR = ("hsstar-steps", "uniform-steps")
+EFFECT = 0.01
+"""The effect the study is powered for: 1 point of accuracy."""
+HALF_WIDTH = 0.006
+"""The 95% interval's half-width the study aims for: 0.6 points."""
+PRIOR = ROOT / "benchmarks" / "results" / "bench_methods.json"
+"""The earlier study's records, whose hsstar - uniform differences give the sd of the power calculation."""
+
+
+# -- statistics (standard library: Student's t from the regularized incomplete beta function)
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """The continued fraction of the incomplete beta function (Lentz's method)."""
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        for num in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d = 1 + num * d
+            d = 1 / (d if abs(d) > tiny else tiny)
+            c = 1 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1) < 1e-14:
+            break
+    return h
+
+
+def t_sf(t: float, df: int) -> float:
+    """P(T > t) for Student's t with ``df`` degrees of freedom."""
+    if t == 0:
+        return 0.5
+    x = df / (df + t * t)
+    a, b = df / 2, 0.5
+    front = math.exp(
+        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    )
+    ibeta = (
+        front * _betacf(a, b, x) / a if x < (a + 1) / (a + b + 2) else 1 - front * _betacf(b, a, 1 - x) / b
+    )
+    return ibeta / 2 if t > 0 else 1 - ibeta / 2
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The ``p`` quantile of Student's t (bisection on :func:`t_sf`)."""
+    lo, hi = -50.0, 50.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if 1 - t_sf(mid, df) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def paired(diffs: list[float]) -> dict | None:
+    """Mean, sd, 95% t-interval and two-sided p of paired differences (None under two pairs)."""
+    n = len(diffs)
+    if n < 2:
+        return None
+    mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
+    half = t_quantile(0.975, n - 1) * sd / math.sqrt(n)
+    p = 1.0 if sd == 0 else 2 * t_sf(abs(mean) / (sd / math.sqrt(n)), n - 1)
+    return {
+        "n": n,
+        "mean": mean,
+        "sd": sd,
+        "low": mean - half,
+        "high": mean + half,
+        "half_width": half,
+        "p": p,
+    }
+
+
+def holm(pvalues: dict[str, float]) -> dict[str, float]:
+    """Holm's step-down adjustment of a family of p-values."""
+    order = sorted(pvalues, key=pvalues.get)
+    out, running = {}, 0.0
+    for i, name in enumerate(order):
+        running = max(running, min(1.0, (len(order) - i) * pvalues[name]))
+        out[name] = running
+    return out
+
+
+def _normal_cdf(z: float) -> float:
+    return 0.5 * (1 + math.erf(z / math.sqrt(2)))
+
+
+def power(n: int, sd: float, effect: float = EFFECT) -> float:
+    """Power of the two-sided paired t-test at 0.05 to detect ``effect`` with ``n`` pairs (normal approximation
+    of the noncentral t)."""
+    return _normal_cdf(effect * math.sqrt(n) / sd - t_quantile(0.975, n - 1))
+
+
+def seeds_for_power(sd: float, effect: float = EFFECT, target: float = 0.8) -> int:
+    return next(n for n in range(2, 10_000) if power(n, sd, effect) >= target)
+
+
+def seeds_for_half_width(sd: float, half: float = HALF_WIDTH) -> int:
+    return next(n for n in range(2, 10_000) if t_quantile(0.975, n - 1) * sd / math.sqrt(n) <= half)
+
+
+def detectable(n: int, sd: float, target: float = 0.8) -> float:
+    """The smallest effect with ``target`` power at ``n`` pairs (bisection on :func:`power`)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if power(n, sd, mid) < target else (lo, mid)
+    return hi
+
+
+# -- the endpoint and the power calculation
+
+
+def endpoint(record: dict, levels=ENDPOINT_LEVELS, last: int = ENDPOINT_ITERATIONS) -> float:
+    """Mean held-out accuracy over ``levels`` (equal problems per level), averaged over the last ``last``
+    iterations."""
+    its = record["iterations"][-last:]
+    return statistics.mean(statistics.mean(it["held_out"][lv] for lv in levels) for it in its)
+
+
+def power_calculation(prior_path: Path = PRIOR) -> dict:
+    """The sd of hsstar - uniform on this endpoint in the earlier study (150 problems per level there), and the
+    seeds it asks for."""
+    records = json.loads(prior_path.read_text())["records"]
+    out = {}
+    for objective in ("sft", "dpo"):
+        seeds = sorted(
+            r["run"]["seed"] for k, r in records.items() if k.startswith(f"{objective}-hsstar-np3-s")
+        )
+        diffs = [
+            endpoint(records[f"{objective}-hsstar-np3-s{s}"])
+            - endpoint(records[f"{objective}-uniform-np3-s{s}"])
+            for s in seeds
+            if f"{objective}-uniform-np3-s{s}" in records
+        ]
+        sd = statistics.stdev(diffs)
+        out[objective] = {
+            "prior_seeds": len(diffs),
+            "prior_sd": sd,
+            "seeds_for_power": seeds_for_power(sd),
+            "seeds_for_half_width": seeds_for_half_width(sd),
+            "seeds": SEEDS,
+            "half_width_at_seeds": t_quantile(0.975, SEEDS - 1) * sd / math.sqrt(SEEDS),
+            "detectable_at_seeds": detectable(SEEDS, sd),
+        }
+    return out
+
+
+# -- the runs
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hsstar bench --protocol",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--objectives", nargs="+", default=["sft", "dpo"], choices=["sft", "dpo"])
+    p.add_argument(
+        "--seeds", type=int, default=SEEDS, help=f"seeds per objective, 0 to N-1 (the protocol: {SEEDS})"
+    )
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument(
+        "--work-dir", default=str(ROOT / "runs" / "study"), help="the runs' artifacts (large; not committed)"
+    )
+    p.add_argument(
+        "--records",
+        default=str(ROOT / "benchmarks" / "results" / "study"),
+        help="one JSON record per finished run",
+    )
+    p.add_argument("--report", default=str(ROOT / "docs" / "benchmarks.md"))
+    p.add_argument(
+        "--report-only", action="store_true", help="regenerate the report from the records, run nothing"
+    )
+    p.add_argument(
+        "--jobs", type=int, default=2, help="runs at a time, each with its share of the torch threads"
+    )
+    p.add_argument(
+        "--cache-dir", default=None, help="where M_0 and the PRM are cached when built (default ~/.cache)"
+    )
+    p.add_argument("--quick", action="store_true", help="smoke test: tiny reasoner, 2 seeds, 1 iteration")
+    return p
+
+
+def sizes(args) -> dict:
+    """The study's sizes: the protocol's, or the smoke test's."""
+    if args.quick:
+        return {"num_iterations": 2, "problems_per_iteration": 16, "sampling_budget": 4, "eval_per_level": 5}
+    return {
+        "num_iterations": 3,
+        "problems_per_iteration": 128,
+        "sampling_budget": 8,
+        "eval_per_level": EVAL_PER_LEVEL,
+    }
+
+
+def plan(args) -> list[dict]:
+    """Objective by objective, seed by seed, every arm: a seed's arms run side by side on one machine."""
+    return [
+        {"objective": objective, "seed": seed, "arm": arm}
+        for objective in args.objectives
+        for seed in range(args.seeds)
+        for arm in args.arms
+    ]
+
+
+def key(run: dict) -> str:
+    return f"{run['objective']}-{run['arm']}-s{run['seed']}"
+
+
+def held_out(per_level: int):
+    from trl_hsstar.toy.world import held_out_problems, level_of
+
+    return [p for p in held_out_problems(per_level) if level_of(p) in ENDPOINT_LEVELS]
+
+
+def git_commit() -> str:
+    """The commit the runs are made from, with ``+dirty`` when the tree differs from it."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip()[:12] + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def machine() -> str:
+    from trl_hsstar.toy.world import cpu_name
+
+    return f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} CPUs"
+
+
+def execute(
+    run: dict, *, args, reasoner: str, prm: str | None, initial: dict, context: dict
+) -> tuple[str, dict]:
+    """One arm of one seed from M_0; its record is written as it ends."""
+    import shutil
+
+    import torch
+
+    from trl_hsstar.toy.experiment import WorldRun, run_world, world_problems
+
+    size = sizes(args)
+    method, equal_steps, offset = ARMS[run["arm"]]
+    ho = held_out(size["eval_per_level"])
+    problems = world_problems(
+        size["num_iterations"] * size["problems_per_iteration"], seed=run["seed"], exclude=ho
+    )
+    out_dir = Path(args.work_dir) / "out" / key(run)
+    if out_dir.exists():  # an interrupted run restarts from scratch: its record is what counts
+        shutil.rmtree(out_dir)
+    record = run_world(
+        WorldRun(
+            method=method,
+            objective=run["objective"],
+            seed=run["seed"] + offset,
+            num_iterations=size["num_iterations"],
+            problems_per_iteration=size["problems_per_iteration"],
+            sampling_budget=size["sampling_budget"],
+            num_presamples=min(3, size["sampling_budget"]),
+            reward="prm" if prm else "oracle",
+            extra={"max_steps": EQUAL_STEPS[run["objective"]]} if equal_steps else {},
+        ),
+        reasoner_dir=reasoner,
+        prm_dir=prm,
+        output_dir=out_dir,
+        held_out=ho,
+        problems=problems,
+        initial_eval=initial,
+    )
+    record.update(
+        {
+            **run,
+            "problem_seed": run["seed"],
+            "endpoint": endpoint(record, last=min(ENDPOINT_ITERATIONS, size["num_iterations"])),
+            "torch_threads": torch.get_num_threads(),
+            "finished_at": time.time(),
+            **context,
+        }
+    )
+    path = Path(args.records) / f"{key(run)}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, path)
+    return key(run), record
+
+
+def read_records(directory: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(Path(directory).glob("*.json"))}
+
+
+# -- the analysis and the report (from the records alone)
+
+
+def _by_seed(records: dict, objective: str, arm: str) -> dict[int, dict]:
+    return {r["seed"]: r for r in records.values() if r["objective"] == objective and r["arm"] == arm}
+
+
+def comparison(records: dict, objective: str, pair: tuple[str, str], value=endpoint) -> dict | None:
+    """``value(a) - value(b)`` paired by seed, over the seeds where both arms ran on the same machine."""
+    a, b = _by_seed(records, objective, pair[0]), _by_seed(records, objective, pair[1])
+    seeds = sorted(s for s in set(a) & set(b) if a[s]["machine"] == b[s]["machine"])
+    result = paired([value(a[s]) - value(b[s]) for s in seeds])
+    if result is not None:
+        result["seeds"] = seeds
+        result["mixed_machines"] = sorted(s for s in set(a) & set(b) if a[s]["machine"] != b[s]["machine"])
+    return result
+
+
+def analyse(records: dict) -> dict:
+    """Per objective: the primary comparison, the noise floor and the exploratory family (Holm-adjusted)."""
+    out = {}
+    for objective in ("sft", "dpo"):
+        if not any(r["objective"] == objective for r in records.values()):
+            continue
+        final = lambda r: endpoint(r, last=1)  # noqa: E731
+        exploratory = {
+            "equal steps: hsstar-steps - uniform-steps": comparison(records, objective, EQUAL_STEPS_PAIR),
+            "final iteration only: hsstar - uniform": comparison(records, objective, PRIMARY, final),
+            **{
+                f"level {lv}: hsstar - uniform": comparison(
+                    records, objective, PRIMARY, lambda r, lv=lv: endpoint(r, levels=(lv,))
+                )
+                for lv in ENDPOINT_LEVELS
+            },
+        }
+        exploratory = {k: v for k, v in exploratory.items() if v is not None}
+        adjusted = holm({k: v["p"] for k, v in exploratory.items()})
+        for k, v in exploratory.items():
+            v["p_holm"] = adjusted[k]
+        out[objective] = {
+            "primary": comparison(records, objective, PRIMARY),
+            "noise_floor": comparison(records, objective, NOISE_FLOOR),
+            "exploratory": exploratory,
+        }
+    return out
+
+
+def _pts(x: float) -> str:
+    return f"{100 * x:+.2f}"
+
+
+def _row(name: str, c: dict | None, holm_p: bool = False) -> str:
+    if c is None:
+        return f"| {name} | 0 | | | | |" + (" |" if holm_p else "")
+    cells = [
+        name,
+        str(c["n"]),
+        _pts(c["mean"]),
+        f"[{_pts(c['low'])}, {_pts(c['high'])}]",
+        f"{100 * c['half_width']:.2f}",
+        f"{c['p']:.3f}",
+    ]
+    if holm_p:
+        cells.append(f"{c['p_holm']:.3f}")
+    return "| " + " | ".join(cells) + " |"
+
+
+def _arm_row(objective: str, arm: str, recs: list[dict]) -> str:
+    its = [it for r in recs for it in r["iterations"]]
+    rows = statistics.mean(it["rows"] for it in its)
+    steps = [it.get("train_steps") for it in its if it.get("train_steps") is not None]
+    at_cap = Counter()
+    for it in its:
+        at_cap.update({int(k): v for k, v in it.get("problems_by_row_count", {}).items()})
+    with_rows = sum(at_cap.values())
+    eps = [r["endpoint"] for r in recs]
+    return (
+        f"| {arm} | {len(recs)} | {statistics.mean(eps):.4f}"
+        + (f" ± {statistics.stdev(eps):.4f}" if len(eps) > 1 else "")
+        + f" | {statistics.mean(r['initial_endpoint'] for r in recs):.4f}"
+        + f" | {statistics.mean(it['budget_spent'] for it in its):.0f}"
+        + f" | {'yes' if all(it['budget_spent'] == it['budget_planned'] for it in its) else 'NO'}"
+        + f" | {rows:.0f} | {with_rows / len(its):.0f}"
+        + f" | {100 * at_cap[recs[0]['run']['max_rows_per_problem']] / with_rows if with_rows else 0:.0f}%"
+        + f" | {statistics.mean(steps) if steps else float('nan'):.1f}"
+        + f" | {statistics.mean(r['wall_seconds'] for r in recs):.0f} |"
+    )
+
+
+def report(records: dict, power_calc: dict, planned_seeds: int = SEEDS) -> str:
+    """The study's section of docs/benchmarks.md, from its records and the power calculation alone."""
+    analysis = analyse(records)
+    lines = [
+        MARKS[0],
+        "",
+        "## The pre-registered study: hsstar against uniform (`benchmarks/bench_study.py`)",
+        "",
+    ]
+    lines += [
+        "The protocol, committed before these runs: [protocol.md](protocol.md). Primary endpoint: the mean held-out "
+        f"greedy accuracy after the last {ENDPOINT_ITERATIONS} iterations on levels {ENDPOINT_LEVELS[0]} to "
+        f"{ENDPOINT_LEVELS[-1]} ({EVAL_PER_LEVEL} problems each), in points (1 point = 0.01). Primary comparison: "
+        "hsstar - uniform at equal generated samples, paired by seed, one per objective. Everything else is "
+        "exploratory, its p-values Holm-adjusted within the objective.",
+        "",
+        "**Power calculation** (the sd of hsstar - uniform on this endpoint in the earlier study, "
+        "`benchmarks/results/bench_methods.json`, 150 problems per level there; normal approximation of the "
+        "noncentral t, two-sided 0.05):",
+        "",
+        "| objective | prior seeds | prior sd (points) | seeds for 80% power at 1 point | seeds for a half-width of 0.6 "
+        "points | seeds planned | half-width at the planned seeds | 80%-power effect at the planned seeds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for objective, pc in power_calc.items():
+        lines.append(
+            f"| {objective.upper()} | {pc['prior_seeds']} | {100 * pc['prior_sd']:.2f} | {pc['seeds_for_power']} | "
+            f"{pc['seeds_for_half_width']} | {pc['seeds']} | {100 * pc['half_width_at_seeds']:.2f} | "
+            f"{100 * pc['detectable_at_seeds']:.2f} |"
+        )
+    lines.append("")
+    commits = sorted({r["commit"] for r in records.values()})
+    machines = sorted({r["machine"] for r in records.values()})
+    commands = sorted({r["command"] for r in records.values()})
+    lines += [
+        f"Records: {len(records)} runs in `benchmarks/results/study/`, one JSON each. Commits: "
+        + ", ".join(f"`{c}`" for c in commits)
+        + ". Machines: "
+        + "; ".join(machines)
+        + ". Torch threads per run: "
+        + " or ".join(str(t) for t in sorted({r["torch_threads"] for r in records.values()}))
+        + f", {' or '.join(str(j) for j in sorted({r['jobs'] for r in records.values()}))} runs at a time. Commands:",
+        "",
+        *[f"    {c}" for c in commands],
+        "",
+    ]
+    for objective, a in analysis.items():
+        done = len(a["primary"]["seeds"]) if a["primary"] else 0
+        status = (
+            "complete"
+            if done >= planned_seeds
+            else f"**interim: {done} of {planned_seeds} seeds; no claim is drawn**"
+        )
+        lines += [f"### {objective.upper()} ({status})", ""]
+        lines += [
+            "| comparison (paired by seed) | seeds | mean (points) | 95% interval | half-width | p |",
+            "|---|---:|---:|---|---:|---:|",
+            _row("**primary: hsstar - uniform, equal samples**", a["primary"]),
+            _row("noise floor: uniform-again - uniform", a["noise_floor"]),
+            "",
+        ]
+        if a["exploratory"]:
+            lines += [
+                "Exploratory (Holm over this family):",
+                "",
+                "| comparison (paired by seed) | seeds | mean (points) | 95% interval | half-width | p | p, Holm |",
+                "|---|---:|---:|---|---:|---:|---:|",
+                *[_row(name, c, holm_p=True) for name, c in a["exploratory"].items()],
+                "",
+            ]
+        lines += [
+            "| arm | seeds | endpoint, mean ± sd | M_0 on the endpoint | samples per iteration | budget exact | rows "
+            "per iteration | problems with rows | of those at the cap | optimizer steps per iteration | wall s / run |",
+            "|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|",
+        ]
+        for arm in ARMS:
+            recs = [r for r in records.values() if r["objective"] == objective and r["arm"] == arm]
+            if recs:
+                lines.append(_arm_row(objective, arm, recs))
+        lines.append("")
+    lines.append(MARKS[1])
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1 (runs at a time), got {args.jobs}")
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1, got {args.seeds}")
+    records_dir = Path(args.records)
+    records_dir.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        records = read_records(records_dir)
+        write_report(Path(args.report), report(records, power_calculation()), marks=MARKS)
+        print(f"report from {len(records)} records: {args.report}")
+        return 0
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trl_hsstar.toy.world import evaluate_levels, toy_prm_path, toy_reasoner_path
+
+    size = sizes(args)
+    reasoner = toy_reasoner_path(args.cache_dir, preset="tiny" if args.quick else "m0", progress=True)
+    prm = None if args.quick else str(toy_prm_path(reasoner, args.cache_dir, progress=True))
+    build = (
+        json.loads((Path(reasoner) / "build.json").read_text())
+        if (Path(reasoner) / "build.json").exists()
+        else {}
+    )
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    check_work_dir(work, {"reasoner_sha256": build.get("sha256"), **size, "quick": args.quick})
+    initial = evaluate_levels(
+        AutoModelForCausalLM.from_pretrained(reasoner),
+        AutoTokenizer.from_pretrained(reasoner),
+        held_out(size["eval_per_level"]),
+    )
+    initial["endpoint"] = statistics.mean(initial[lv] for lv in ENDPOINT_LEVELS)
+    runs = plan(args)
+    pending = [r for r in runs if not (records_dir / f"{key(r)}.json").exists()]
+    jobs = max(1, min(args.jobs, len(pending)))
+    threads = max(1, torch.get_num_threads() // jobs)
+    context = {
+        "commit": git_commit(),
+        "command": portable_command(
+            ["hsstar", "bench", "--protocol", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "machine": machine(),
+        "torch": torch.__version__,
+        "jobs": jobs,
+        "reasoner_sha256": build.get("sha256"),
+        "initial_endpoint": initial["endpoint"],
+    }
+    print(
+        f"{len(runs)} runs, {len(runs) - len(pending)} recorded; {len(pending)} to do, {jobs} at a time with {threads} torch thread(s)",
+        flush=True,
+    )
+    common = dict(args=args, reasoner=str(reasoner), prm=prm, initial=initial, context=context)
+    if jobs == 1:
+        torch.set_num_threads(threads)
+        finished = (execute(run, **common) for run in pending)
+        executor = None
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        executor = ProcessPoolExecutor(
+            jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker, initargs=(threads,)
+        )
+        finished = (
+            f.result() for f in as_completed([executor.submit(execute, run, **common) for run in pending])
+        )
+    try:
+        for done, (k, record) in enumerate(finished, 1):
+            print(
+                f"[{done}/{len(pending)}] {k}: endpoint {record['endpoint']:.4f} (M_0 {initial['endpoint']:.4f}), {record['wall_seconds']} s",
+                flush=True,
+            )
+    finally:
+        if executor is not None:
+            executor.shutdown(cancel_futures=True)
+    records = read_records(records_dir)
+    write_report(Path(args.report), report(records, power_calculation()), marks=MARKS)
+    print(f"report: {args.report}\nrecords: {records_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The pre-registered study (docs/protocol.md, benchmarks/bench_study.py): its statistics, its arms and its report."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def study():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("bench_study", ROOT / "benchmarks" / "bench_study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_students_t_matches_the_tables(study):
+    # the 97.5th percentiles every statistics table prints, and a tail probability
+    for df, t in ((1, 12.706), (4, 2.776), (10, 2.228), (19, 2.093), (100, 1.984)):
+        assert study.t_quantile(0.975, df) == pytest.approx(t, abs=1e-3)
+    assert study.t_sf(2.0, 10) == pytest.approx(0.03669, abs=1e-5)
+    assert study.t_sf(-2.0, 10) == pytest.approx(1 - 0.03669, abs=1e-5)
+    assert study.t_sf(0.0, 7) == 0.5
+
+
+def test_paired_differences_and_holm(study):
+    r = study.paired([0.01, 0.03, 0.02, 0.04, 0.00])
+    assert r["mean"] == pytest.approx(0.02)
+    assert r["half_width"] == pytest.approx(2.776 * r["sd"] / math.sqrt(5), rel=1e-3)
+    assert r["p"] == pytest.approx(0.0474, abs=1e-3)  # t = 2.83 on 4 degrees of freedom
+    assert study.paired([0.1]) is None
+    # Holm: the smallest p times the family's size, each next one times one less, never below the one before
+    assert study.holm({"a": 0.01, "b": 0.04, "c": 0.03}) == {"a": 0.03, "c": 0.06, "b": 0.06}
+    assert study.holm({"a": 0.5, "b": 0.9}) == {"a": 1.0, "b": 1.0}
+
+
+def test_the_power_calculation_is_the_protocols(study):
+    """docs/protocol.md's seed counts come from the earlier study's records by this calculation."""
+    pc = study.power_calculation()
+    assert (pc["sft"]["seeds_for_power"], pc["sft"]["seeds_for_half_width"]) == (23, 31)
+    assert (pc["dpo"]["seeds_for_power"], pc["dpo"]["seeds_for_half_width"]) == (10, 13)
+    text = (ROOT / "docs" / "protocol.md").read_text()
+    for objective in ("sft", "dpo"):
+        c = pc[objective]
+        row = f"| {objective.upper()} | {100 * c['prior_sd']:.2f} | {c['seeds_for_power']} | {c['seeds_for_half_width']} |"
+        assert row in text
+    # more power needs more seeds; a larger effect fewer
+    assert study.power(20, 0.016) > study.power(10, 0.016)
+    assert study.seeds_for_power(0.016, effect=0.02) < study.seeds_for_power(0.016, effect=0.01)
+
+
+def test_the_plan_runs_every_arm_of_a_seed_before_the_next_seed(study):
+    args = study.make_parser().parse_args(["--objectives", "sft", "dpo", "--seeds", "3"])
+    runs = study.plan(args)
+    assert len(runs) == 2 * 3 * 5
+    assert [r["arm"] for r in runs[:5]] == list(study.ARMS)
+    assert [(r["objective"], r["seed"]) for r in runs[::5]] == [
+        (o, s) for o in ("sft", "dpo") for s in range(3)
+    ]
+    assert study.make_parser().parse_args([]).seeds == 20
+
+
+def _record(objective, arm, seed, accuracy, *, machine="cpu A"):
+    its = [
+        {
+            "held_out": {lv: accuracy for lv in study_levels()},
+            "rows": 10,
+            "budget_spent": 8,
+            "budget_planned": 8,
+        }
+    ]
+    return {
+        "objective": objective,
+        "arm": arm,
+        "seed": seed,
+        "machine": machine,
+        "iterations": its * 3,
+    }
+
+
+def study_levels():
+    return ("3x1", "4x1", "5x1", "6x1", "7x1", "8x1")
+
+
+def test_pairs_are_by_seed_on_one_machine(study):
+    records = {}
+    for seed, (a, b) in enumerate([(0.52, 0.50), (0.53, 0.50), (0.51, 0.50)]):
+        records[f"h{seed}"] = _record("sft", "hsstar", seed, a)
+        records[f"u{seed}"] = _record("sft", "uniform", seed, b)
+    records["h3"] = _record("sft", "hsstar", 3, 0.9, machine="cpu B")  # its pair ran elsewhere
+    records["u3"] = _record("sft", "uniform", 3, 0.1)
+    c = study.comparison(records, "sft", study.PRIMARY)
+    assert c["seeds"] == [0, 1, 2] and c["mixed_machines"] == [3]
+    assert c["mean"] == pytest.approx(0.02)
+
+
+@pytest.mark.slow
+def test_the_quick_study_writes_records_and_a_report_regenerated_from_them(
+    world_cache, tmp_path, monkeypatch
+):
+    from trl_hsstar.cli import main
+
+    records, report = tmp_path / "records", tmp_path / "benchmarks.md"
+    report.write_text("# Benchmarks\n\nkept\n")
+    argv = [
+        "bench",
+        "--protocol",
+        "--quick",
+        "--seeds",
+        "2",
+        "--objectives",
+        "sft",
+        "--cache-dir",
+        str(world_cache),
+    ]
+    argv += ["--work-dir", str(tmp_path / "w"), "--records", str(records), "--report", str(report)]
+    monkeypatch.setattr(sys, "argv", ["hsstar", *argv])
+    assert main(argv) == 0
+    recs = {p.stem: json.loads(p.read_text()) for p in records.glob("*.json")}
+    assert sorted(recs) == sorted(
+        f"sft-{arm}-s{s}"
+        for arm in ("uniform", "hsstar", "uniform-again", "hsstar-steps", "uniform-steps")
+        for s in (0, 1)
+    )
+    for k, rec in recs.items():
+        assert all(it["budget_spent"] == it["budget_planned"] for it in rec["iterations"])
+        assert (
+            rec["commit"]
+            and rec["machine"]
+            and "/" not in rec["command"].split("--work-dir")[1].split()[0].strip('"$')
+        )
+        steps = [it["train_steps"] for it in rec["iterations"]]
+        if k.endswith(("-steps-s0", "-steps-s1")):
+            # equal optimizer steps per iteration, whatever the rows (None: an iteration without rows trains not at all)
+            assert set(steps) <= {17, None} and 17 in steps
+    # the same-procedure arm: the same problems, another procedure seed
+    assert (
+        recs["sft-uniform-again-s0"]["run"]["seed"] == 10_000 and recs["sft-uniform-s0"]["run"]["seed"] == 0
+    )
+    text = report.read_text()
+    assert "kept" in text and "interim: 2 of 20 seeds" in text and "noise floor" in text
+    # the report is a function of the records: regenerated, it is the same text
+    before = text
+    assert (
+        main(["bench", "--protocol", "--report-only", "--records", str(records), "--report", str(report)])
+        == 0
+    )
+    assert report.read_text() == before
