@@ -7,6 +7,7 @@ by the same rule and thresholds. Three rules: the paper's with thresholds calibr
 (:func:`trl_hsstar.difficulty.calibrate_thresholds`), the paper's with the world's fixed pair, and accuracy only.
 
     python benchmarks/bench_calibration.py --output docs/benchmarks.md
+    python benchmarks/bench_calibration.py --report-only --output docs/benchmarks.md   # the section from the record
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from bench_methods import publish, script_meta
+from bench_methods import add_report_only, commit_line, publish, republish, script_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKS = ("<!-- bench_calibration:start -->", "<!-- bench_calibration:end -->")
+RESULTS = "benchmarks/results/bench_calibration.json"
 
 
 def main(argv=None) -> int:
@@ -31,8 +33,12 @@ def main(argv=None) -> int:
     p.add_argument("--num-reference", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="a Markdown file to write the section into")
-    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "bench_calibration.json"))
+    p.add_argument("--results", default=str(ROOT / RESULTS))
+    add_report_only(p)
     args = p.parse_args(argv)
+    if args.report_only:
+        republish(render, results=args.results, output=args.output, marks=MARKS)
+        return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
 
@@ -101,34 +107,49 @@ def main(argv=None) -> int:
                 for lv in LEVELS
             },
         }
-    meta = script_meta("bench_calibration.py", argv, started)
     data = {
-        "meta": meta,
+        "meta": script_meta("bench_calibration.py", argv, started),
+        "settings": {
+            "per_level": args.per_level,
+            "num_presamples": n_p,
+            "num_reference": n_ref,
+            "seed": args.seed,
+        },
         "calibrated": calibrated,
         "calibrated_from_reference": from_reference,
         "rules": results,
     }
+    publish(render, data, results=args.results, output=args.output, marks=MARKS)
+    return 0
+
+
+def render(record: dict) -> str:
+    """The docs section, from the record alone."""
+    meta, settings, results = record["meta"], record["settings"], record["rules"]
+    calibrated, from_reference = record["calibrated"], record["calibrated_from_reference"]
+    levels = list(next(iter(results.values()))["by_world_level"])
+    n_p, n_ref = settings["num_presamples"], settings["num_reference"]
     lines = [
         MARKS[0],
         "## Thresholds for any PRM: calibration and agreement (`benchmarks/bench_calibration.py`)",
         "",
-        f"Command: `{meta['command']}`. Machine: {meta['machine']}, torch {meta['torch']} with {meta['threads']} "
-        f"threads; {meta['minutes']} minutes.",
+        f"Command: `{meta['command']}`. {commit_line(meta)} Machine: {meta['machine']}, torch {meta['torch']} "
+        f"with {meta['threads']} threads; {meta['minutes']} minutes.",
         "",
-        f"M_0 and the learned PRM of the world; {len(problems)} problems ({args.per_level} per world level), "
-        f"{n_p} pre-samples and {n_ref} independent reference samples each. Thresholds calibrated from the "
-        f"pre-samples: tau_l = {calibrated[0]}, tau_h = {calibrated[1]}; from the {n_ref} reference samples the same "
-        f"rule gives {from_reference}.",
+        f"M_0 and the learned PRM of the world; {settings['per_level'] * len(levels)} problems "
+        f"({settings['per_level']} per world level), {n_p} pre-samples and {n_ref} independent reference samples "
+        f"each. Thresholds calibrated from the pre-samples: tau_l = {calibrated[0]}, tau_h = {calibrated[1]}; from "
+        f"the {n_ref} reference samples the same rule gives ({from_reference[0]}, {from_reference[1]}).",
         "",
         "| rule | level from the pre-samples = level from the reference samples | "
-        + " | ".join(LEVELS)
+        + " | ".join(levels)
         + " |",
-        "|---|---|" + "---|" * len(LEVELS),
+        "|---|---|" + "---|" * len(levels),
     ]
     for name, r in results.items():
         lines.append(
             f"| {name} | {100 * r['agreement']:.0f}% | "
-            + " | ".join(f"{100 * r['by_world_level'][lv]:.0f}%" for lv in LEVELS)
+            + " | ".join(f"{100 * r['by_world_level'][lv]:.0f}%" for lv in levels)
             + " |"
         )
     lines += [
@@ -139,8 +160,7 @@ def main(argv=None) -> int:
         "",
         MARKS[1],
     ]
-    publish("\n".join(lines), data, results=args.results, output=args.output, marks=MARKS)
-    return 0
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

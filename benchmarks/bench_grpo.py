@@ -4,10 +4,12 @@ Per seed, from the same M_0, on the same training problems as ``hsstar bench`` (
 generations per problem (3,072 samples, as every method there), reward 1 for a right answer (the package's
 verifier), one epoch; then the same greedy held-out evaluation per level. The learning rates are fixed in advance
 (the world's SFT rate and a tenth of it; GRPO's own default, 1e-6, is sized for billion-parameter models). The
-figure is the paired difference by seed against the records of ``hsstar bench`` (``--bench-results``).
+figure is the paired difference by seed against the records of ``hsstar bench`` (``--bench-results``), whose final
+accuracies are copied into this benchmark's record, so that its section is a function of its record alone.
 
     python benchmarks/bench_grpo.py --output docs/benchmarks.md      # 5 seeds x 2 rates
     python benchmarks/bench_grpo.py --quick                            # a smoke test on the tiny reasoner
+    python benchmarks/bench_grpo.py --report-only --output docs/benchmarks.md   # the section from the record
 
 Each run's record is kept in ``<work-dir>/records`` and read back by a rerun.
 """
@@ -22,10 +24,18 @@ import sys
 import time
 from pathlib import Path
 
-from bench_methods import interval95, publish, script_meta
+from bench_methods import (
+    add_report_only,
+    commit_line,
+    portable_path,
+    publish,
+    republish,
+    script_meta,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKS = ("<!-- bench_grpo:start -->", "<!-- bench_grpo:end -->")
+RESULTS = "benchmarks/results/bench_grpo.json"
 COMPARED = (
     "sft-hsstar",
     "sft-hsstar_adaptive",
@@ -99,16 +109,20 @@ def run(seed: int, lr: float, args, reasoner: str, held, initial: dict) -> dict:
     }
 
 
-def section(meta: dict, records: list[dict], bench: dict, args) -> str:
+def render(record: dict) -> str:
+    """The docs section, from the record alone (the paired methods' final accuracies are copied into it)."""
+    meta, records, settings = record["meta"], record["records"], record["settings"]
+    compared = record["compared"]["final_accuracy"]
     lines = [
         MARKS[0],
         "## Why not GRPO? TRL's GRPOTrainer on the world at the same sample budget",
         "",
-        f"Command: `{meta['command']}`. Machine: {meta['machine']}, torch {meta['torch']} with {meta['threads']} "
-        f"threads, trl {meta['trl']}; {meta['minutes']} minutes for the runs this invocation made.",
+        f"Command: `{meta['command']}`. {commit_line(meta)} Machine: {meta['machine']}, torch {meta['torch']} with "
+        f"{meta['threads']} threads, trl {meta['trl']}; {meta['minutes']} minutes for the runs this invocation made.",
         "",
         f"From the same M_0 (held-out greedy {records[0]['initial']['all']:.3f}), on the problems `hsstar bench` "
-        f"draws for each seed ({args.num_iterations} x {args.problems_per_iteration}), {args.sampling_budget} "
+        f"draws for each seed ({settings['num_iterations']} x {settings['problems_per_iteration']}), "
+        f"{settings['sampling_budget']} "
         "generations per problem, reward 1 for a right answer, one epoch, cosine schedule, GRPOConfig's other "
         "defaults (loss `dapo`, beta 0, scale_rewards `group`); greedy held-out accuracy on the same problems.",
         "",
@@ -132,29 +146,40 @@ def section(meta: dict, records: list[dict], bench: dict, args) -> str:
             f"{statistics.mean(r['wall_seconds'] for r in rs):.0f} |"
         )
     lines.append("")
+    from bench_study import holm, paired
+
+    family = {}  # (rate, name) -> paired differences: the 12 comparisons, one family for the correction
     for lr in rates:
         by_seed = {r["seed"]: r["held_out"]["all"] for r in records if r["learning_rate"] == lr}
-        pairs = []
         for name in COMPARED:
             track, method = name.split("-", 1)
             other = {
-                s: bench[f"{track}-{method}-np3-s{s}"]["iterations"][-1]["held_out"]["all"]
+                s: compared[f"{track}-{method}-np3-s{s}"]
                 for s in by_seed
-                if f"{track}-{method}-np3-s{s}" in bench
+                if f"{track}-{method}-np3-s{s}" in compared
             }
-            diffs = [other[s] - by_seed[s] for s in sorted(other)]
-            if diffs:
-                ci = interval95(diffs)
-                pairs.append(
-                    f"{track.upper()} {method} {', '.join(f'{d:+.3f}' for d in diffs)} (ahead on "
-                    f"{sum(d > 0 for d in diffs)} of {len(diffs)}"
-                    + (
-                        ""
-                        if ci is None
-                        else f"; mean {ci[0]:+.3f}, 95% interval [{ci[1]:+.3f}, {ci[2]:+.3f}]"
-                    )
-                    + ")"
+            if other:
+                family[(lr, name)] = [other[s] - by_seed[s] for s in sorted(other)]
+    tests = {k: paired(d) for k, d in family.items()}
+    adjusted = holm({k: t["p"] for k, t in tests.items() if t is not None})
+    for lr in rates:
+        pairs = []
+        for name in COMPARED:
+            diffs, t = family.get((lr, name)), tests.get((lr, name))
+            if not diffs:
+                continue
+            track, method = name.split("-", 1)
+            pairs.append(
+                f"{track.upper()} {method} {', '.join(f'{d:+.3f}' for d in diffs)} (ahead on "
+                f"{sum(d > 0 for d in diffs)} of {len(diffs)}"
+                + (
+                    ""
+                    if t is None
+                    else f"; mean {t['mean']:+.3f}, 95% interval [{t['low']:+.3f}, {t['high']:+.3f}], p {t['p']:.3f}, "
+                    f"Holm over the {len(adjusted)} comparisons {adjusted[(lr, name)]:.3f}"
                 )
+                + ")"
+            )
         if pairs:
             lines += [
                 f"Each method of `hsstar bench` minus GRPO at lr {lr:g}, seed by seed: "
@@ -162,7 +187,7 @@ def section(meta: dict, records: list[dict], bench: dict, args) -> str:
                 + ".",
                 "",
             ]
-    lines += [f"Raw records: `{os.path.relpath(args.results, ROOT)}`.", "", MARKS[1]]
+    lines += [f"Raw records: `{meta.get('results', RESULTS)}`.", "", MARKS[1]]
     return "\n".join(lines)
 
 
@@ -182,8 +207,12 @@ def main(argv=None) -> int:
     p.add_argument("--bench-results", default=str(ROOT / "benchmarks" / "results" / "bench_methods.json"))
     p.add_argument("--work-dir", default=str(ROOT / "runs" / "bench-grpo"))
     p.add_argument("--output", default=None, help="a Markdown file to write the section into")
-    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "bench_grpo.json"))
+    p.add_argument("--results", default=str(ROOT / RESULTS))
+    add_report_only(p)
     args = p.parse_args(argv)
+    if args.report_only:
+        republish(render, results=args.results, output=args.output, marks=MARKS)
+        return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import trl
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -221,9 +250,28 @@ def main(argv=None) -> int:
         Path(args.bench_results).exists() and not args.quick
     ):  # --quick trains another M_0: nothing to pair with
         bench = json.loads(Path(args.bench_results).read_text())["records"]
-    meta = script_meta("bench_grpo.py", argv, started, trl=trl.__version__)
-    text = section(meta, records, bench, args)
-    publish(text, {"meta": meta, "records": records}, results=args.results, output=args.output, marks=MARKS)
+    # the final accuracies paired with, copied: the section is a function of this record alone
+    wanted = [f"{name}-np3-s{s}" for name in COMPARED for s in sorted({r["seed"] for r in records})]
+    compared = {k: bench[k]["iterations"][-1]["held_out"]["all"] for k in wanted if k in bench}
+    record = {
+        "meta": script_meta(
+            "bench_grpo.py",
+            argv,
+            started,
+            trl=trl.__version__,
+            results=portable_path(args.results, "--results"),
+        ),
+        "records": records,
+        "settings": {
+            k: getattr(args, k)
+            for k in ("num_iterations", "problems_per_iteration", "sampling_budget", "eval_per_level")
+        },
+        "compared": {
+            "source": portable_path(args.bench_results, "--bench-results"),
+            "final_accuracy": compared,
+        },
+    }
+    publish(render, record, results=args.results, output=args.output, marks=MARKS)
     return 0
 
 

@@ -13,29 +13,26 @@ Rules: ``shipped`` (the ``m0`` preset: probe of 40 problems a cell, checked ever
 probe: 300 steps of the same 600-step schedule, where the shipped rule stops on this machine's 2-thread path).
 
     python benchmarks/bench_m0.py --output docs/benchmarks.md     # about 20 minutes on 2 cores
+    python benchmarks/bench_m0.py --report-only --output docs/benchmarks.md   # the section from the record
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import platform
-import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from weights import add_weight_noise
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_methods import write_report  # noqa: E402
+from bench_methods import add_report_only, commit_line, publish, republish, script_meta  # noqa: E402
 
 MARKS = ("<!-- bench_m0:start -->", "<!-- bench_m0:end -->")
+RESULTS = "benchmarks/results/bench_m0.json"
 RULES = {
     "shipped": {},
     "before": {"probe_per_cell": 20, "refine_every": None},
@@ -52,6 +49,8 @@ PATHS = {  # name: (torch threads, perturb)
 def nudged_init(scale: float):
     """Multiply every initial weight of the reasoner by ``1 + scale * N(0, 1)`` (a fixed draw): with ``1e-6`` it
     stands in for another CPU's floating-point path, to measure how much the result depends on that path."""
+    from weights import add_weight_noise
+
     from trl_hsstar.toy import model as toy_model
 
     original = toy_model.build_tiny_model
@@ -70,19 +69,23 @@ def main(argv=None) -> int:
     p.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
     p.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
     p.add_argument("--output", default=None, help="a Markdown file to write the section into")
-    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "bench_m0.json"))
+    p.add_argument("--results", default=str(ROOT / RESULTS))
+    add_report_only(p)
     args = p.parse_args(argv)
+    if args.report_only:
+        republish(render, results=args.results, output=args.output, marks=MARKS)
+        return 0
 
     import torch
 
     from trl_hsstar.toy.world import (
         REASONER_PRESETS,
         build_reasoner,
-        cpu_name,
         evaluate_levels,
         held_out_problems,
     )
 
+    started = time.monotonic()
     held_out = held_out_problems()
     load = os.getloadavg()
     rows = []
@@ -110,23 +113,14 @@ def main(argv=None) -> int:
                 f"{rows[-1]['seconds']} s",
                 flush=True,
             )
-    meta = {
-        "command": shlex.join(
-            ["python", "benchmarks/bench_m0.py", *(argv if argv is not None else sys.argv[1:])]
-        ),
-        "machine": f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} CPUs",
-        "torch": torch.__version__,
-        "load_average": ", ".join(f"{x:.2f}" for x in load),
-    }
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    if args.output:
-        write_report(Path(args.output), section(meta, rows), marks=MARKS)
-        print(f"report: {args.output}")
+    meta = script_meta("bench_m0.py", argv, started, load_average=", ".join(f"{x:.2f}" for x in load))
+    publish(render, {"meta": meta, "rows": rows}, results=args.results, output=args.output, marks=MARKS)
     return 0
 
 
-def section(meta: dict, rows: list[dict]) -> str:
+def render(record: dict) -> str:
+    """The docs section, from the record alone."""
+    meta, rows = record["meta"], record["rows"]
     levels = [lv for lv in rows[0]["held_out"] if lv != "all"]
     lines = [
         MARKS[0],
@@ -145,7 +139,8 @@ def section(meta: dict, rows: list[dict]) -> str:
         meta["command"],
         "```",
         "",
-        f"Machine: {meta['machine']}; torch {meta['torch']}; load average at start {meta['load_average']}.",
+        f"Machine: {meta['machine']}; torch {meta['torch']}; load average at start {meta['load_average']}. "
+        + commit_line(meta),
         "",
         "| rule | path | stopped at step | " + " | ".join(levels) + " | all | build s |",
         "|---|---|---:|" + "---:|" * (len(levels) + 2),

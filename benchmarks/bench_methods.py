@@ -18,6 +18,10 @@ records go to ``--results``.
     hsstar bench                # hsstar against uniform, SFT and DPO, 5 seeds (about 20 minutes on 2 cores)
     hsstar bench --methods uniform hsstar prop2diff band knapsack hsstar_adaptive --studies main utility sweep
     hsstar bench --quick        # a smoke test on the tiny reasoner (CI)
+    hsstar bench --report-only  # the section rendered again from the record in --results; nothing runs
+
+The section is rendered from the record alone (``render``); the helpers every benchmark shares live here:
+``git_commit``, ``machine``, ``portable_command``, ``script_meta``, ``publish``, ``republish``, ``write_report``.
 """
 
 from __future__ import annotations
@@ -28,14 +32,17 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from trl_hsstar.toy.experiment import DPO_LEARNING_RATE, SFT_LEARNING_RATE
+from trl_hsstar.toy.world import DPO_LEARNING_RATE, LEVELS, SFT_LEARNING_RATE  # light: no torch
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = "benchmarks/results/bench_methods.json"
+"""Where the record goes by default, relative to the checkout; the docs section is rendered from it."""
 
 
 def markers(section: str) -> tuple[str, str]:
@@ -56,7 +63,7 @@ SOURCES = {
 """Each method of the main study and its source, printed under the report's setup."""
 OURS = ("hsstar", "hsstar_adaptive")
 """The methods compared seed by seed against every other method."""
-DPO_LR = DPO_LEARNING_RATE  # the world's defaults (trl_hsstar.toy.experiment)
+DPO_LR = DPO_LEARNING_RATE  # the world's defaults (trl_hsstar.toy.world)
 SFT_LR = SFT_LEARNING_RATE
 
 
@@ -111,7 +118,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", default="Allocation methods at equal budget (the embedded world)")
     p.add_argument("--work-dir", default=str(ROOT / "runs" / "bench"))
     p.add_argument("--report", default=str(ROOT / "docs" / "benchmarks.md"))
-    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "bench_methods.json"))
+    p.add_argument("--results", default=str(ROOT / RESULTS))
+    add_report_only(p)  # the section of --report from the record in --results
     p.add_argument("--cache-dir", default=None, help="where M_0 and the PRM are cached (default: ~/.cache)")
     p.add_argument(
         "--jobs",
@@ -288,6 +296,7 @@ def report(args, records, runs, summary, meta, levels, plots) -> str:
     lines = [start, "", f"## {args.title}", ""]
     lines += [
         f"Command: `{meta['command']}`  ",
+        commit_line(meta) + "  ",
         f"Machine: {meta['machine']}; torch {meta['torch']}; the runs had {meta['threads_per_run']} torch thread(s) "
         f"each{'' if meta['jobs'] == 'not recorded' else ', ' + meta['jobs'] + ' at a time'}; load average at start "
         f"{meta['load_average']}. The {meta['num_runs']} runs took {meta['run_minutes']:.1f} min of run time in all"
@@ -361,14 +370,18 @@ def report(args, records, runs, summary, meta, levels, plots) -> str:
         lines.append("")
         if plots.get(objective):
             lines += [f"![{objective} accuracy per iteration]({plots[objective]})", ""]
+    # the utility study and the sweep ran on fewer seeds: every row of theirs is over those seeds alone
+    on_sweep_seeds = summarise(records, [r for r in runs if r["seed"] in args.sweep_seeds], levels)
+    seeds_text = ", ".join(map(str, args.sweep_seeds))
     if "utility" in args.studies and not args.quick:
         lines += ["### Utility study (SFT): the re-sampling budget and the training on one level only", ""]
+        lines += [f"Every row on the same seeds ({seeds_text}).", ""]
         lines += [
             "| re-sample and train on | seeds | final accuracy | gain | useful rows / 1k samples |",
             "|---|---|---|---|---|",
         ]
         for method, name in (("hsstar-easy", "easy"), ("hsstar", "boundary"), ("hsstar-hard", "hard")):
-            s = summary.get(("sft", method, 3))
+            s = on_sweep_seeds.get(("sft", method, 3))
             if s is not None:
                 lines.append(
                     f"| {name} | {s['seeds']} | {_mean_sd(s['final'])} | {_mean_sd(s['gain'])} | {s['useful_rows_per_1000']:.0f} |"
@@ -377,19 +390,54 @@ def report(args, records, runs, summary, meta, levels, plots) -> str:
     if "sweep" in args.studies and not args.quick:
         lines += ["### n_p sweep (SFT, hsstar)", ""]
         lines += [
+            f"Every row on the same seeds ({seeds_text}). n_p = 0 calls every problem boundary and spreads the whole "
+            "budget evenly, so it is uniform by construction; uniform's own runs are the last row, and the distance "
+            "between the two is the noise of the instrument, not an effect of n_p.",
+            "",
+        ]
+        lines += [
             "| n_p | seeds | final accuracy | gain | useful rows / 1k samples | samples on easy / boundary / hard |",
             "|---|---|---|---|---|---|",
         ]
-        for n_p in sorted(set(args.presample_sweep) | {3}):
-            s = summary.get(("sft", "hsstar", n_p))
+        sweep = [(str(n_p), ("sft", "hsstar", n_p)) for n_p in sorted(set(args.presample_sweep) | {3})]
+        for name, group in [*sweep, ("uniform", ("sft", "uniform", 3))]:
+            s = on_sweep_seeds.get(group)
             if s is not None:
                 lines.append(
-                    f"| {n_p} | {s['seeds']} | {_mean_sd(s['final'])} | {_mean_sd(s['gain'])} | {s['useful_rows_per_1000']:.0f} | "
+                    f"| {name} | {s['seeds']} | {_mean_sd(s['final'])} | {_mean_sd(s['gain'])} | {s['useful_rows_per_1000']:.0f} | "
                     f"{s['samples_on_easy']:.0f} / {s['samples_on_boundary']:.0f} / {s['samples_on_hard']:.0f} |"
                 )
         lines.append("")
-    lines += [f"Raw records: `{os.path.relpath(args.results, ROOT)}`.", "", end]
+    lines += [f"Raw records: `{meta.get('results', RESULTS)}`.", "", end]
     return "\n".join(lines)
+
+
+def render(record: dict) -> str:
+    """The docs section of a ``hsstar bench`` record (``meta``, ``args``, ``records``), from the record alone."""
+    args = argparse.Namespace(**record["args"])
+    meta = record["meta"]
+    levels = [lv for lv in LEVELS if lv in meta["initial"]]
+    runs = plan(args)
+    summary = summarise(record["records"], runs, levels)
+    plots = meta.get("plots")
+    if plots is None:  # a record from before the plots were recorded: the images the script writes
+        plots = {track: plot_path(args, track) for track, _, _ in tracks(args)}
+    return report(args, record["records"], runs, summary, meta, levels, plots)
+
+
+def plot_path(args, track: str) -> str:
+    """Where a track's plot goes, relative to the report's folder."""
+    section = args.section + "_" if args.section else ""
+    return f"images/bench_methods_{section}{track}{'_quick' if args.quick else ''}.png"
+
+
+def portable_path(path: str | Path, option: str | None = None) -> str:
+    """``path`` with no path of this machine in it: relative to the checkout when inside it, else a variable named
+    after its option (``--work-dir`` -> ``$WORK_DIR``; ``$PATH`` without one)."""
+    resolved = Path(path).resolve()
+    if resolved.is_relative_to(ROOT):
+        return str(resolved.relative_to(ROOT))
+    return "$" + (option or "--path").lstrip("-").replace("-", "_").upper()
 
 
 def portable_command(argv: Sequence[str]) -> str:
@@ -398,27 +446,50 @@ def portable_command(argv: Sequence[str]) -> str:
     out, option = [], None
     for token in argv:
         if os.path.isabs(token):
-            path = Path(token).resolve()
-            if path.is_relative_to(ROOT):
-                token = str(path.relative_to(ROOT))
-            else:
-                token = "$" + (option or "--path").lstrip("-").replace("-", "_").upper()
+            token = portable_path(token, option)
         out.append(token)
         option = token if token.startswith("--") else None
     return " ".join(f'"{t}"' if t.startswith("$") else shlex.quote(t) for t in out)
 
 
-def script_meta(script: str, argv, started: float, **extra) -> dict:
-    """What every benchmark records of its invocation: command, machine, torch and its threads, minutes."""
-    import torch
+def git_commit() -> str:
+    """The commit the runs are made from, with ``+dirty`` when the tree differs from it."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip()[:12] + ("+dirty" if dirty.stdout.strip() else "")
 
+
+def machine() -> str:
+    """The machine a record was measured on: CPU model, architecture, cores."""
     from trl_hsstar.toy.world import cpu_name
 
+    return f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} CPUs"
+
+
+def commit_line(meta: dict) -> str:
+    """The commit a record was measured at, as every docs section shows it (with the record's note, if any)."""
+    note = meta.get("commit_note")
+    return f"Commit: `{meta['commit']}`" + (f" ({note})" if note else "") + "."
+
+
+def script_meta(script: str, argv, started: float, **extra) -> dict:
+    """What every benchmark records of its invocation: commit, command (portable), machine, torch and its threads,
+    minutes."""
+    import torch
+
     return {
-        "command": shlex.join(
+        "commit": git_commit(),
+        "command": portable_command(
             ["python", f"benchmarks/{script}", *(argv if argv is not None else sys.argv[1:])]
         ),
-        "machine": f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} CPUs",
+        "machine": machine(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         **extra,
@@ -426,10 +497,28 @@ def script_meta(script: str, argv, started: float, **extra) -> dict:
     }
 
 
-def publish(text: str, data: dict, *, results: str, output: str | None, marks: tuple[str, str]) -> None:
-    """Write the raw records to ``results``, print the section and put it into ``output`` between ``marks``."""
+def publish(render, data: dict, *, results: str, output: str | None, marks: tuple[str, str]) -> None:
+    """Write the record ``data`` to ``results``, then render the section from the record as written (so that it is
+    the section ``--report-only`` gives), print it and put it into ``output`` between ``marks``."""
     Path(results).parent.mkdir(parents=True, exist_ok=True)
     Path(results).write_text(json.dumps(data, indent=1) + "\n")
+    republish(render, results=results, output=output, marks=marks)
+
+
+def add_report_only(parser: argparse.ArgumentParser) -> None:
+    """The ``--report-only`` option every benchmark with a docs section has."""
+    parser.add_argument(
+        "--report-only", action="store_true", help="render the docs section from the record; measure nothing"
+    )
+
+
+def republish(render, *, results: str, output: str | None, marks: tuple[str, str]) -> None:
+    """``--report-only``: render the section from the record in ``results``, print it and put it into ``output``
+    between ``marks``; nothing is measured."""
+    path = Path(results)
+    if not path.exists():
+        raise SystemExit(f"{path}: no record to render (run the benchmark without --report-only first)")
+    text = render(json.loads(path.read_text()))
     print(text)
     if output:
         write_report(Path(output), text, marks=marks)
@@ -491,6 +580,24 @@ def _worker(threads: int) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() == 1:  # the benchmark ended before prctl took effect
             os._exit(1)
+
+
+def in_workers(fn, runs: list, *, jobs: int, threads: int, **kwargs):
+    """``fn(run, **kwargs)`` for every run, yielding each result as it finishes: ``jobs`` at a time in worker
+    processes of ``threads`` torch threads each (:func:`_worker`), or in this process when ``jobs`` is 1."""
+    if jobs == 1:
+        yield from (fn(run, **kwargs) for run in runs)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    executor = ProcessPoolExecutor(
+        jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker, initargs=(threads,)
+    )
+    try:
+        yield from (f.result() for f in as_completed([executor.submit(fn, run, **kwargs) for run in runs]))
+    finally:
+        executor.shutdown(cancel_futures=True)
 
 
 def check_work_dir(work: Path, settings: dict) -> None:
@@ -563,11 +670,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.jobs is not None and args.jobs < 1:
         parser.error(f"--jobs must be at least 1 (runs at a time), got {args.jobs}")
+    if args.report_only:  # the record names its section
+        recorded = Path(args.results)
+        section = json.loads(recorded.read_text())["args"]["section"] if recorded.exists() else args.section
+        republish(render, results=args.results, output=args.report, marks=markers(section))
+        return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
     from trl_hsstar.toy.experiment import held_out_problems
-    from trl_hsstar.toy.world import LEVELS, cpu_name, evaluate_levels, toy_prm_path, toy_reasoner_path
+    from trl_hsstar.toy.world import evaluate_levels, toy_prm_path, toy_reasoner_path
 
     if args.quick:
         args.seeds, args.num_iterations, args.problems_per_iteration, args.eval_per_level = [0], 1, 24, 10
@@ -642,30 +754,15 @@ def main(argv=None) -> int:
         work=str(work),
         jobs=jobs,
     )
-    if jobs == 1:
-        finished = (execute(run, **context) for run in pending)
-        executor = None
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        executor = ProcessPoolExecutor(
-            jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker, initargs=(threads,)
+    for done, (k, record) in enumerate(
+        in_workers(execute, pending, jobs=jobs, threads=threads, **context), 1
+    ):
+        records[k] = record
+        print(
+            f"[{done}/{len(pending)}] {k}: final accuracy {record['iterations'][-1]['held_out']['all']:.3f} "
+            f"(M_0 {initial['all']:.3f}), {record['wall_seconds']} s",
+            flush=True,
         )
-        finished = (
-            f.result() for f in as_completed([executor.submit(execute, run, **context) for run in pending])
-        )
-    try:
-        for done, (k, record) in enumerate(finished, 1):
-            records[k] = record
-            print(
-                f"[{done}/{len(pending)}] {k}: final accuracy {record['iterations'][-1]['held_out']['all']:.3f} "
-                f"(M_0 {initial['all']:.3f}), {record['wall_seconds']} s",
-                flush=True,
-            )
-    finally:
-        if executor is not None:
-            executor.shutdown(cancel_futures=True)
 
     levels = [lv for lv in LEVELS if lv in initial]
     summary = summarise(records, runs, levels)
@@ -675,18 +772,15 @@ def main(argv=None) -> int:
         curves = {
             m: summary[(objective, m, 3)]["curve"] for m in MAIN_METHODS if (objective, m, 3) in summary
         }
-        image = (
-            report_path.parent
-            / "images"
-            / f"bench_methods_{args.section + '_' if args.section else ''}{objective}{'_quick' if args.quick else ''}.png"
-        )
+        image = report_path.parent / plot_path(args, objective)
         image.parent.mkdir(parents=True, exist_ok=True)
         if plot_methods(curves, image, title=f"{objective}: held-out accuracy, mean and seed range"):
-            plots[objective] = os.path.relpath(image, report_path.parent)
+            plots[objective] = plot_path(args, objective)
     done = [records[key(r)] for r in runs if key(r) in records]
     meta = {
-        "command": shlex.join(["hsstar", "bench", *sys.argv[1:]]),
-        "machine": f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
+        "commit": git_commit(),
+        "command": portable_command(["hsstar", "bench", *sys.argv[1:]]),
+        "machine": f"{machine()}, {platform.system()} {platform.release()}",
         "jobs": _values(done, "jobs"),
         "threads_per_run": _values(done, "torch_threads"),
         "m0_build": m0_build,
@@ -700,12 +794,12 @@ def main(argv=None) -> int:
         "reasoner": f"{preset} ({Path(reasoner).name})",
         "reward": "the learned PRM (Math-Shepherd layout)" if prm else "the exact step checker (oracle)",
         "initial": initial,
+        "results": portable_path(args.results, "--results"),
+        "plots": plots,
     }
-    write_report(report_path, report(args, records, runs, summary, meta, levels, plots), args.section)
-    results = Path(args.results)
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(json.dumps({"meta": meta, "args": vars(args), "records": records}, indent=1))
-    print(f"report: {report_path}\nresults: {results}")
+    record = {"meta": meta, "args": vars(args), "records": records}
+    publish(render, record, results=args.results, output=str(report_path), marks=markers(args.section))
+    print(f"report: {report_path}\nresults: {args.results}")
     return 0
 
 

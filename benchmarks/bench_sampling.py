@@ -10,10 +10,13 @@ by ``--max-new-tokens``, which the verifier rejects at once) and briefly trained
 in EOS and are checked for real). Runs alternate baseline / candidate after one warm-up of each, and the
 medians are reported.
 
-    python benchmarks/bench_sampling.py                                   # print the results
+    python benchmarks/bench_sampling.py                                   # the record, and the section printed
     python benchmarks/bench_sampling.py --output docs/benchmarks.md       # (re)write its section there
+    python benchmarks/bench_sampling.py --report-only --output docs/benchmarks.md   # the section from the record
 
-Run it on an otherwise idle machine: the load average before and after is reported.
+Every run writes its record (``--results``, default ``benchmarks/results/bench_sampling.json``); the section is
+rendered from that record alone. Run it on an otherwise idle machine: the load average before and after is
+reported.
 """
 
 from __future__ import annotations
@@ -25,35 +28,22 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-import transformers
+from bench_methods import add_report_only, commit_line, publish, republish, script_meta
 
-from trl_hsstar.sampling import SamplingParams, TransformersSampler
-from trl_hsstar.toy import build_char_tokenizer, build_tiny_model, generate_problems
-from trl_hsstar.verify import MathVerifier
+ROOT = Path(__file__).resolve().parents[1]
+MARKS = ("<!-- bench_sampling:start -->", "<!-- bench_sampling:end -->")
+RESULTS = "benchmarks/results/bench_sampling.json"
 
-START, END = "<!-- bench_sampling:start -->", "<!-- bench_sampling:end -->"
-INTRO = """# Benchmarks
-
-Speed and memory targets are measured by the scripts under `benchmarks/`, not by the tests. Each
-script (re)writes its own section of this file between its markers; rerun the command shown in a
-section to reproduce it.
-"""
+if TYPE_CHECKING:  # the measuring imports torch; the rendering does not
+    from trl_hsstar.sampling import SamplingParams
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def count_tokens(new_tokens: torch.Tensor, eos_id: int) -> int:
+def count_tokens(new_tokens, eos_id: int) -> int:
     """Generated tokens up to and including the first EOS of each row (the sampler's rule)."""
+    import torch
+
     is_eos = new_tokens == eos_id
     has = is_eos.any(dim=1)
     first = is_eos.to(torch.int8).argmax(dim=1)
@@ -62,6 +52,8 @@ def count_tokens(new_tokens: torch.Tensor, eos_id: int) -> int:
 
 def run_baseline(model, tok, prompts: list[str], batch_size: int, params: SamplingParams, seed: int):
     """The bare loop: batches in input order, left padding, generate, decode. Returns (seconds, tokens)."""
+    import torch
+
     torch.manual_seed(seed)
     tok.padding_side = "left"
     start = time.perf_counter()
@@ -91,6 +83,8 @@ def run_baseline(model, tok, prompts: list[str], batch_size: int, params: Sampli
 
 def run_candidate(sampler, verifier, problems, samples_per_prompt: int, params: SamplingParams, seed: int):
     """Sampler + verification of every completion. Returns (seconds, tokens, generate_s, verify_s, correct)."""
+    from trl_hsstar.sampling import SamplingParams
+
     params = SamplingParams(
         temperature=params.temperature, top_p=params.top_p, max_new_tokens=params.max_new_tokens, seed=seed
     )
@@ -105,22 +99,12 @@ def run_candidate(sampler, verifier, problems, samples_per_prompt: int, params: 
     return end - start, tokens, generated - start, end - generated, sum(verdicts)
 
 
-def write_section(path: Path, section: str, start: str = START, end: str = END) -> None:
-    """Replace the section between the markers ``start`` and ``end`` of ``path`` (or append it)."""
-    text = path.read_text() if path.exists() else INTRO
-    block = f"{start}\n{section.rstrip()}\n{end}"
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        _, tail = rest.split(end, 1)
-        text = head + block + tail
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
 def measure(args, pretrain_steps: int) -> dict:
     """Time both sides on the toy model trained for ``pretrain_steps`` (0: untrained)."""
+    from trl_hsstar.sampling import SamplingParams, TransformersSampler
+    from trl_hsstar.toy import build_char_tokenizer, build_tiny_model, generate_problems
+    from trl_hsstar.verify import MathVerifier
+
     tok = build_char_tokenizer()
     model = build_tiny_model(tok, seed=args.seed)
     if pretrain_steps:
@@ -201,7 +185,7 @@ Candidate breakdown (medians): generate {result["generate_s"]:.2f} s, verify {re
 """
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--samples-per-prompt", type=int, default=8)
@@ -219,18 +203,56 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=None, help="markdown file whose section to (re)write")
+    parser.add_argument("--results", default=str(ROOT / RESULTS))
+    add_report_only(parser)
     args = parser.parse_args(argv)
+    output = None if args.output is None else str(args.output)
+    if args.report_only:
+        republish(render, results=args.results, output=output, marks=MARKS)
+        return 0
 
+    import transformers
+
+    started = time.monotonic()
     load_before = os.getloadavg()
     results = [measure(args, steps) for steps in args.pretrain_steps]
     load_after = os.getloadavg()
-
-    n = args.num_prompts * args.samples_per_prompt
-    command = "python benchmarks/bench_sampling.py" + "".join(
-        f" {a}" for a in (sys.argv[1:] if argv is None else argv)
+    meta = script_meta(
+        "bench_sampling.py",
+        argv,
+        started,
+        load_before=load_before[:2],
+        load_after=load_after[:2],
+        transformers=transformers.__version__,
+        python=platform.python_version(),
     )
+    settings = {
+        k: getattr(args, k)
+        for k in (
+            "num_prompts",
+            "samples_per_prompt",
+            "batch_size",
+            "max_new_tokens",
+            "temperature",
+            "top_p",
+            "repeats",
+            "pretrain_steps",
+            "seed",
+        )
+    }
+    record = {"meta": meta, "settings": settings, "results": results}
+    publish(render, record, results=args.results, output=output, marks=MARKS)
+    return 0
+
+
+def render(record: dict) -> str:
+    """The docs section, from the record alone."""
+    meta, args, results = record["meta"], argparse.Namespace(**record["settings"]), record["results"]
+    load_before, load_after = meta["load_before"], meta["load_after"]
+    n = args.num_prompts * args.samples_per_prompt
     tables = "\n".join(table(r) for r in results)
-    section = f"""## Sampling throughput (`benchmarks/bench_sampling.py`)
+    return f"""{MARKS[0]}
+## Sampling throughput (`benchmarks/bench_sampling.py`)
 
 Target: the whole sample-and-verify phase (`TransformersSampler.generate`, then
 `MathVerifier().verify_batch` on every completion) at >= 0.9x the throughput of a bare
@@ -238,8 +260,10 @@ Target: the whole sample-and-verify phase (`TransformersSampler.generate`, then
 batch size and sampling settings.
 
 ```bash
-{command}
+{meta["command"]}
 ```
+
+{commit_line(meta)}
 
 Setup: the default toy Llama ({results[0]["num_params"] / 1e6:.2f}M parameters, float32);
 {args.num_prompts} toy prompts (2 to 4 one-digit operands) x {args.samples_per_prompt} samples = {n}
@@ -249,17 +273,11 @@ alternating, after one warm-up each; medians. Tokens are counted up to and inclu
 both sides.
 
 {tables}
-Environment: {cpu_model()}, `torch.get_num_threads()` = {torch.get_num_threads()}; load average
+Environment: {meta["machine"]}, `torch.get_num_threads()` = {meta["threads"]}; load average
 (1 / 5 min) {load_before[0]:.2f} / {load_before[1]:.2f} before, {load_after[0]:.2f} / {load_after[1]:.2f}
-after; torch {torch.__version__}, transformers {transformers.__version__}, Python
-{platform.python_version()}.
-"""
-    print(section)
-    if args.output is not None:
-        write_section(args.output, section)
-        print(f"wrote {args.output}", file=sys.stderr)
-    return results
+after; torch {meta["torch"]}, transformers {meta["transformers"]}, Python {meta["python"]}.
+{MARKS[1]}"""
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

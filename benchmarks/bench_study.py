@@ -26,19 +26,18 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_methods import _worker, check_work_dir, portable_command, write_report
+from bench_methods import check_work_dir, git_commit, in_workers, machine, portable_command, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKS = ("<!-- bench_study:start -->", "<!-- bench_study:end -->")
+README_MARKS = ("<!-- bench_study:readme:start -->", "<!-- bench_study:readme:end -->")
 
 # -- the protocol's fixed numbers (docs/protocol.md); changing one is a new protocol
 
@@ -237,6 +236,9 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--report", default=str(ROOT / "docs" / "benchmarks.md"))
     p.add_argument(
+        "--readme", default=str(ROOT / "README.md"), help="where the one-line result goes ('' for nowhere)"
+    )
+    p.add_argument(
         "--report-only", action="store_true", help="regenerate the report from the records, run nothing"
     )
     p.add_argument(
@@ -279,26 +281,6 @@ def held_out(per_level: int):
     from trl_hsstar.toy.world import held_out_problems, level_of
 
     return [p for p in held_out_problems(per_level) if level_of(p) in ENDPOINT_LEVELS]
-
-
-def git_commit() -> str:
-    """The commit the runs are made from, with ``+dirty`` when the tree differs from it."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head.stdout.strip()[:12] + ("+dirty" if dirty.stdout.strip() else "")
-
-
-def machine() -> str:
-    from trl_hsstar.toy.world import cpu_name
-
-    return f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} CPUs"
 
 
 def execute(
@@ -449,6 +431,61 @@ def _arm_row(objective: str, arm: str, recs: list[dict]) -> str:
     )
 
 
+def verdict(a: dict, *, complete: bool) -> list[str]:
+    """The readings the protocol fixed in advance, as bullet lines."""
+    out = []
+    floor = a["noise_floor"]
+    if floor is not None:
+        sound = floor["low"] <= 0 <= floor["high"]
+        out.append(
+            "- Noise floor: the same-procedure interval "
+            + (
+                "holds 0: the instrument is sound."
+                if sound
+                else "**excludes 0: find out why before reading anything else.**"
+            )
+        )
+    c = a["primary"]
+    if c is None:
+        return out
+    out.append(
+        f"- Half-width reached: {100 * c['half_width']:.2f} points (the protocol aims at {100 * HALF_WIDTH:.1f})."
+    )
+    if c["mixed_machines"]:
+        out.append(
+            f"- Seeds left out, their arms on different machines: {', '.join(map(str, c['mixed_machines']))}."
+        )
+    if not complete:
+        out.append("- Primary: interim; the protocol draws no conclusion before every planned seed has run.")
+    elif c["low"] > 0:
+        out.append(
+            f"- Primary: **confirmed on this world**: hsstar ahead by {_pts(c['mean'])} points, interval above 0."
+        )
+    elif c["high"] < 0:
+        out.append(
+            f"- Primary: **refuted on this world**: hsstar behind by {_pts(c['mean'])} points, interval below 0."
+        )
+    else:
+        out.append(
+            f"- Primary: **no effect detected; bounded**: hsstar is no more than {_pts(c['high'])} points ahead of "
+            f"uniform and no more than {_pts(-c['low'])[1:]} points behind (the 95% interval)."
+        )
+    return out
+
+
+def _curves(recs: list[dict]) -> str:
+    """Mean endpoint-level accuracy after each iteration over the records (M_0 first)."""
+    n = len(recs[0]["iterations"])
+    means = [statistics.mean(r["initial_endpoint"] for r in recs)]
+    means += [
+        statistics.mean(
+            statistics.mean(r["iterations"][i]["held_out"][lv] for lv in ENDPOINT_LEVELS) for r in recs
+        )
+        for i in range(n)
+    ]
+    return " → ".join(f"{v:.4f}" for v in means)
+
+
 def report(records: dict, power_calc: dict, planned_seeds: int = SEEDS) -> str:
     """The study's section of docs/benchmarks.md, from its records and the power calculation alone."""
     analysis = analyse(records)
@@ -509,6 +546,8 @@ def report(records: dict, power_calc: dict, planned_seeds: int = SEEDS) -> str:
             _row("**primary: hsstar - uniform, equal samples**", a["primary"]),
             _row("noise floor: uniform-again - uniform", a["noise_floor"]),
             "",
+            *verdict(a, complete=done >= planned_seeds),
+            "",
         ]
         if a["exploratory"]:
             lines += [
@@ -528,9 +567,51 @@ def report(records: dict, power_calc: dict, planned_seeds: int = SEEDS) -> str:
             recs = [r for r in records.values() if r["objective"] == objective and r["arm"] == arm]
             if recs:
                 lines.append(_arm_row(objective, arm, recs))
+        lines += [
+            "",
+            "Held-out accuracy on the endpoint's levels after each iteration, mean over seeds (M_0 first):",
+            "",
+        ]
+        for arm in ARMS:
+            recs = [r for r in records.values() if r["objective"] == objective and r["arm"] == arm]
+            if recs:
+                lines.append(f"- {arm}: {_curves(recs)}")
         lines.append("")
     lines.append(MARKS[1])
     return "\n".join(lines)
+
+
+def readme_line(records: dict, planned_seeds: int = SEEDS) -> str:
+    """The README's one line of what the study measured, from its records alone."""
+    analysis = analyse(records)
+    parts = []
+    for objective in ("sft", "dpo"):
+        c = analysis.get(objective, {}).get("primary")
+        if c is None:
+            parts.append(f"{objective.upper()} not yet run")
+            continue
+        done = len(c["seeds"])
+        parts.append(
+            f"{objective.upper()} {_pts(c['mean'])} points, 95% interval [{_pts(c['low'])}, {_pts(c['high'])}] "
+            + (
+                "(20 seeds)"
+                if done >= planned_seeds
+                else f"(interim, {done} of {planned_seeds} seeds: no claim drawn yet)"
+            )
+        )
+    return (
+        f"{README_MARKS[0]}\n**Measured here:** on the embedded world, hsstar minus uniform at equal samples, on the "
+        "pre-registered endpoint ([protocol](docs/protocol.md), [results](docs/benchmarks.md)): "
+        + "; ".join(parts)
+        + f".\n{README_MARKS[1]}"
+    )
+
+
+def publish(records: dict, args) -> None:
+    """The report into ``--report`` and the README's line into ``--readme``, from the records."""
+    write_report(Path(args.report), report(records, power_calculation()), marks=MARKS)
+    if args.readme:
+        write_report(Path(args.readme), readme_line(records), marks=README_MARKS)
 
 
 def main(argv=None) -> int:
@@ -544,7 +625,7 @@ def main(argv=None) -> int:
     records_dir.mkdir(parents=True, exist_ok=True)
     if args.report_only:
         records = read_records(records_dir)
-        write_report(Path(args.report), report(records, power_calculation()), marks=MARKS)
+        publish(records, args)
         print(f"report from {len(records)} records: {args.report}")
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -592,29 +673,13 @@ def main(argv=None) -> int:
     common = dict(args=args, reasoner=str(reasoner), prm=prm, initial=initial, context=context)
     if jobs == 1:
         torch.set_num_threads(threads)
-        finished = (execute(run, **common) for run in pending)
-        executor = None
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        executor = ProcessPoolExecutor(
-            jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker, initargs=(threads,)
+    for done, (k, record) in enumerate(in_workers(execute, pending, jobs=jobs, threads=threads, **common), 1):
+        print(
+            f"[{done}/{len(pending)}] {k}: endpoint {record['endpoint']:.4f} (M_0 {initial['endpoint']:.4f}), "
+            f"{record['wall_seconds']} s",
+            flush=True,
         )
-        finished = (
-            f.result() for f in as_completed([executor.submit(execute, run, **common) for run in pending])
-        )
-    try:
-        for done, (k, record) in enumerate(finished, 1):
-            print(
-                f"[{done}/{len(pending)}] {k}: endpoint {record['endpoint']:.4f} (M_0 {initial['endpoint']:.4f}), {record['wall_seconds']} s",
-                flush=True,
-            )
-    finally:
-        if executor is not None:
-            executor.shutdown(cancel_futures=True)
-    records = read_records(records_dir)
-    write_report(Path(args.report), report(records, power_calculation()), marks=MARKS)
+    publish(read_records(records_dir), args)
     print(f"report: {args.report}\nrecords: {records_dir}")
     return 0
 

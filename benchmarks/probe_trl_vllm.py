@@ -29,6 +29,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "trl_hsstar" / "toy" / "checkpoints" / "tiny"
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))  # trl_hsstar's light modules, for the record's provenance (no install needed)
+from bench_methods import git_commit, machine, portable_command, portable_path  # noqa: E402  (no torch)
 from helpers.stuck_server import StuckServer  # noqa: E402  (standard library only)
 
 
@@ -131,7 +133,18 @@ def main() -> None:
     import transformers
     import trl
 
-    result: dict = {"trl": trl.__version__, "transformers": transformers.__version__}
+    result: dict = {
+        "commit": git_commit(),
+        "command": " ".join(  # the interpreter matters here: a venv inside the checkout, else $PYTHON
+            [
+                portable_path(sys.executable, "--python"),
+                portable_command(["benchmarks/probe_trl_vllm.py", *sys.argv[1:]]),
+            ]
+        ),
+        "machine": machine(),
+        "trl": trl.__version__,
+        "transformers": transformers.__version__,
+    }
     try:
         import vllm
 

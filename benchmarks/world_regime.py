@@ -14,12 +14,12 @@ Targets (issue 13): each level share >= 15%, median distinct correct rationales 
 
     python benchmarks/world_regime.py                  # the shipped M_0 and PRM (about 2 minutes on 2 cores)
     python benchmarks/world_regime.py --reasoner DIR --prm DIR --no-report
+    python benchmarks/world_regime.py --report-only    # the section of docs/toy_world.md from the record
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -28,7 +28,20 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_methods import (  # noqa: E402
+    add_report_only,
+    commit_line,
+    git_commit,
+    machine,
+    portable_command,
+    portable_path,
+    publish,
+    republish,
+)
+
 START, END = "<!-- world_regime:start -->", "<!-- world_regime:end -->"
+RESULTS = "benchmarks/results/world_regime.json"
 TARGETS = {"share": 0.15, "distinct": 3, "flawed": (0.05, 0.25), "auroc": 0.8}
 
 
@@ -143,17 +156,17 @@ def verdicts(r: dict) -> dict[str, bool]:
     }
 
 
-def report(r: dict, command: str) -> str:
-    from trl_hsstar.toy.world import cpu_name
-
+def render(r: dict) -> str:
+    """The section of docs/toy_world.md, from the record alone."""
     ok = verdicts(r)
     mark = {True: "met", False: "**not met**"}
     s = r["shares"]
     q = r["boundary_distinct_correct_rationales"]
     lines = [
-        f"Measured with `{command}` on {cpu_name()} ({r['torch_threads']} torch threads): M_0 sampled "
+        START,
+        f"Measured with `{r['command']}` on {r['machine']} ({r['torch_threads']} torch threads): M_0 sampled "
         f"{r['samples_per_problem']} solutions (temperature {r['temperature']}, top-p 0.95) for each of {r['problems']} "
-        f"problems of the default pool (seed {r['seed']}); sampling took {r['sampling_seconds']} s.",
+        f"problems of the default pool (seed {r['seed']}); sampling took {r['sampling_seconds']} s. {commit_line(r)}",
         "",
         "| figure | measured | target | |",
         "|---|---|---|---|",
@@ -173,15 +186,7 @@ def report(r: dict, command: str) -> str:
     ]
     for w, c in r["by_world_level"].items():
         lines.append(f"| {w} | {c['easy']} | {c['boundary']} | {c['hard']} |")
-    return "\n".join(lines)
-
-
-def replace_section(path: Path, body: str) -> None:
-    text = path.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"{path} has no {START} ... {END} section to replace")
-    head, rest = text.split(START, 1)
-    path.write_text(head + START + "\n" + body + "\n" + END + rest.split(END, 1)[1])
+    return "\n".join([*lines, END])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,9 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.7, help="the loop's sampling temperature")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report", default=str(ROOT / "docs" / "toy_world.md"))
-    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "world_regime.json"))
+    p.add_argument("--results", default=str(ROOT / RESULTS))
     p.add_argument("--no-report", action="store_true", help="print only; write no file")
+    add_report_only(p)
     args = p.parse_args(argv)
+    if args.report_only:
+        republish(render, results=args.results, output=args.report, marks=(START, END))
+        return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     reasoner = Path(args.reasoner) if args.reasoner else toy_reasoner_path(preset="m0")
     prm = None if args.prm == "none" else Path(args.prm) if args.prm else toy_prm_path(reasoner)
@@ -211,14 +220,22 @@ def main(argv: list[str] | None = None) -> int:
         temperature=args.temperature,
         seed=args.seed,
     )
-    command = "python benchmarks/world_regime.py " + " ".join(
-        a for a in (argv if argv is not None else sys.argv[1:])
-    )
-    body = report(r, command.strip())
-    print(body)
-    if not args.no_report:
-        replace_section(Path(args.report), body)
-        Path(args.results).write_text(json.dumps({**r, "verdicts": verdicts(r)}, indent=2) + "\n")
+    for name in ("reasoner", "prm"):  # no path of this machine in the record
+        if r[name]:
+            r[name] = portable_path(r[name], f"--{name}")
+    record = {
+        "commit": git_commit(),
+        "command": portable_command(
+            ["python", "benchmarks/world_regime.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "machine": machine(),
+        **r,
+        "verdicts": verdicts(r),
+    }
+    if args.no_report:
+        print(render(record))
+    else:
+        publish(render, record, results=args.results, output=args.report, marks=(START, END))
     return 0
 
 

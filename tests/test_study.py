@@ -122,6 +122,7 @@ def test_the_quick_study_writes_records_and_a_report_regenerated_from_them(
         str(world_cache),
     ]
     argv += ["--work-dir", str(tmp_path / "w"), "--records", str(records), "--report", str(report)]
+    argv += ["--readme", str(tmp_path / "README.md")]
     monkeypatch.setattr(sys, "argv", ["hsstar", *argv])
     assert main(argv) == 0
     recs = {p.stem: json.loads(p.read_text()) for p in records.glob("*.json")}
@@ -149,8 +150,8 @@ def test_the_quick_study_writes_records_and_a_report_regenerated_from_them(
     assert "kept" in text and "interim: 2 of 20 seeds" in text and "noise floor" in text
     # the report is a function of the records: regenerated, it is the same text
     before = text
-    assert (
-        main(["bench", "--protocol", "--report-only", "--records", str(records), "--report", str(report)])
-        == 0
-    )
-    assert report.read_text() == before
+    readme = (tmp_path / "README.md").read_text()
+    assert "SFT" in readme and "interim, 2 of 20 seeds" in readme and "DPO not yet run" in readme
+    again = ["bench", "--protocol", "--report-only", "--records", str(records), "--report", str(report)]
+    assert main([*again, "--readme", str(tmp_path / "README.md")]) == 0
+    assert report.read_text() == before and (tmp_path / "README.md").read_text() == readme

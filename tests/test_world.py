@@ -255,7 +255,9 @@ def test_world_run_rejects_bad_settings():
         WorldRun(reward="judge")
 
 
-def test_demo_prints_the_table_and_writes_plots(world_cache, tmp_path, capsys, monkeypatch):
+def test_demo_prints_hsstar_and_uniform_side_by_side_and_writes_plots(
+    world_cache, tmp_path, capsys, monkeypatch
+):
     from trl_hsstar.cli import main
 
     cache = world_cache
@@ -266,10 +268,22 @@ def test_demo_prints_the_table_and_writes_plots(world_cache, tmp_path, capsys, m
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "| M_0 |" in printed and "budget spent/planned" in printed and "56/56" in printed
+    assert "## hsstar" in printed and "## uniform" in printed
+    side = printed.split("## Side by side")[1]
+    assert "| after iteration | hsstar | uniform | uniform - hsstar |" in side
     result = json.loads((out / "results.json").read_text())
-    assert len(result["iterations"]) == 2
-    assert (out / "summary.md").exists() and (out / "levels.png").stat().st_size > 0
-    assert (out / "accuracy.png").stat().st_size > 0
+    assert list(result["methods"]) == ["hsstar", "uniform"]
+    hsstar, uniform = result["methods"]["hsstar"], result["methods"]["uniform"]
+    # the same M_0, the same problems and the same budget: only the allocation differs
+    assert hsstar["initial"] == uniform["initial"]
+    for a, b in zip(hsstar["iterations"], uniform["iterations"]):
+        assert a["budget_spent"] == b["budget_spent"] == a["budget_planned"] == 56
+        assert sum(a["samples_by_world_level"].values()) == sum(b["samples_by_world_level"].values())
+    last = len(hsstar["iterations"])
+    row = f"| {last} | {hsstar['iterations'][-1]['held_out']['all']:.3f} | {uniform['iterations'][-1]['held_out']['all']:.3f} |"
+    assert row in side
+    assert (out / "summary.md").exists() and (out / "accuracy.png").stat().st_size > 0
+    assert (out / "hsstar" / "levels.png").stat().st_size > 0 and (out / "uniform" / "accuracy.png").exists()
     from trl_hsstar.demo import fresh_output_dir
 
     assert fresh_output_dir(out) == tmp_path / "demo-2"  # a rerun never overwrites a finished run

@@ -1,13 +1,15 @@
-"""``hsstar demo``: watch HS-STaR work on the embedded world, on a CPU, with no downloads.
+"""``hsstar demo``: watch HS-STaR work on the embedded world beside the uniform baseline, on a CPU, with no downloads.
 
 1. M_0: the world's tiny reasoner, shipped with the package (the same weights on every CPU; nothing is
    trained before the loop); its greedy accuracy per level, measured when it was built, is printed.
 2. The PRM: a token-classification model trained on M_0's own samples, labelled step by step by the step
    checker, also shipped; its held-out step accuracy is printed.
-3. HS-STaR iterations from M_0 (pre-sample, estimate difficulty, re-sample the boundary, train), scored on
-   held-out problems of every level after each iteration.
-4. A per-iteration table, ``results.json``, ``summary.md`` and the plots ``levels.png`` and ``accuracy.png`` in
-   the output directory.
+3. HS-STaR iterations from M_0 (pre-sample, estimate difficulty, re-sample the boundary, train), then uniform
+   sampling (STaR / RFT) from the same M_0 on the same problems at the same budget, each scored on held-out
+   problems of every level after each iteration.
+4. A per-iteration table per method, the two side by side, ``results.json``, ``summary.md`` and the plots
+   (``accuracy.png``: the methods side by side; ``<method>/levels.png`` and ``<method>/accuracy.png``) in the
+   output directory.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--output-dir", default="runs/demo", help="where results, plots and checkpoints go")
     parser.add_argument("--num-iterations", type=int, default=3)
-    parser.add_argument("--problems-per-iteration", type=int, default=256)
+    parser.add_argument("--problems-per-iteration", type=int, default=128)
     parser.add_argument("--sampling-budget", type=int, default=8, help="B: samples per problem on average")
     parser.add_argument("--num-presamples", type=int, default=3, help="n_p: pre-samples per problem")
     parser.add_argument(
@@ -34,8 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--objective", choices=["sft", "dpo"], default="sft")
     parser.add_argument(
-        "--method",
-        default="hsstar",
+        "--methods",
+        nargs="+",
+        default=["hsstar", "uniform"],
         choices=[
             "hsstar",
             "hsstar_adaptive",
@@ -47,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "hsstar-boundary",
             "hsstar-hard",
         ],
-        help="the budget allocation (baselines at the same budget; hsstar-easy/hard: the utility study)",
+        help="the budget allocations to run side by side, each from M_0 on the same problems at the same budget "
+        "(hsstar-easy/hard: the utility study)",
     )
     parser.add_argument(
         "--learning-rate",
@@ -87,21 +91,25 @@ def run_demo(args: argparse.Namespace) -> dict:
     import torch
 
     from .toy.experiment import WorldRun, held_out_problems, run_world, world_problems
-    from .toy.report import iteration_table, plot_run
+    from .toy.report import comparison_table, iteration_table, plot_comparison, plot_run
     from .toy.world import HELD_OUT_PER_LEVEL, toy_prm_path, toy_reasoner_path
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run = WorldRun(  # validates method, objective and reward before anything is built
-        method=args.method,
-        objective=args.objective,
-        seed=args.seed,
-        num_iterations=args.num_iterations,
-        problems_per_iteration=args.problems_per_iteration,
-        sampling_budget=args.sampling_budget,
-        num_presamples=args.num_presamples,
-        reward=args.reward,
-        learning_rate=args.learning_rate,
-    )
+    methods = list(dict.fromkeys(args.methods))
+    runs = {  # validates methods, objective and reward before anything is built
+        method: WorldRun(
+            method=method,
+            objective=args.objective,
+            seed=args.seed,
+            num_iterations=args.num_iterations,
+            problems_per_iteration=args.problems_per_iteration,
+            sampling_budget=args.sampling_budget,
+            num_presamples=args.num_presamples,
+            reward=args.reward,
+            learning_rate=args.learning_rate,
+        )
+        for method in methods
+    }
     output_dir = fresh_output_dir(Path(args.output_dir))
     output_dir.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
@@ -135,38 +143,53 @@ def run_demo(args: argparse.Namespace) -> dict:
     problems = world_problems(
         args.num_iterations * args.problems_per_iteration, seed=args.seed, exclude=held_out
     )
-    print(
-        f"\n[3/3] {args.num_iterations} iterations of {args.method} ({args.objective}), {args.problems_per_iteration} "
-        f"fresh problems each, budget {args.sampling_budget} per problem; held-out: {len(held_out)} problems"
-    )
-    result = run_world(
-        run,
-        reasoner_dir=reasoner,
-        prm_dir=prm,
-        output_dir=output_dir,
-        held_out=held_out,
-        problems=problems,
-        # levels.json holds M_0's greedy accuracy on these very problems
-        initial_eval=m0_table if args.eval_per_level == HELD_OUT_PER_LEVEL else None,
-        progress=True,
-    )
-    result["total_seconds"] = round(time.monotonic() - start, 1)
-    phases["iterations"] = result["total_seconds"] - phases["m0"] - phases["prm"]
-    result["phase_seconds"] = {k: round(v, 1) for k, v in phases.items()}
-    result["torch_threads"] = torch.get_num_threads()
-    table = iteration_table(result)
+    # levels.json holds M_0's greedy accuracy on these very problems
+    initial = m0_table if args.eval_per_level == HELD_OUT_PER_LEVEL else None
+    results, tables = {}, {}
+    for n, (method, run) in enumerate(runs.items(), 1):
+        print(
+            f"\n[3/3] {method} ({n} of {len(runs)}, {args.objective}): {args.num_iterations} iterations of "
+            f"{args.problems_per_iteration} fresh problems, budget {args.sampling_budget} per problem; held-out: "
+            f"{len(held_out)} problems"
+        )
+        began = time.monotonic()
+        results[method] = run_world(
+            run,
+            reasoner_dir=reasoner,
+            prm_dir=prm,
+            output_dir=output_dir / method,
+            held_out=held_out,
+            problems=problems,
+            initial_eval=initial,
+            progress=True,
+        )
+        initial = results[method]["initial"]  # every method starts from the same M_0 row
+        phases[method] = time.monotonic() - began
+        tables[method] = iteration_table(results[method])
+        plot_run(results[method], output_dir / method)
+    total = round(time.monotonic() - start, 1)
+    result = {
+        "methods": results,
+        "total_seconds": total,
+        "phase_seconds": {k: round(v, 1) for k, v in phases.items()},
+        "torch_threads": torch.get_num_threads(),
+    }
     (output_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    plots = plot_run(result, output_dir) or []
-    first, last = result["initial"]["all"], result["iterations"][-1]["held_out"]["all"]
+    plot = plot_comparison(results, output_dir / "accuracy.png")
+    timing = ", ".join(f"{k} {v} s" for k, v in result["phase_seconds"].items())
     summary = (
-        f"# HS-STaR demo\n\n{table}\n\nHeld-out greedy accuracy (all levels): {first:.3f} (M_0) -> {last:.3f} after "
-        f"{len(result['iterations'])} iterations. Total time {result['total_seconds']} s: M_0 "
-        f"{result['phase_seconds']['m0']} s, reward {result['phase_seconds']['prm']} s, iterations "
-        f"{result['phase_seconds']['iterations']} s ({result['torch_threads']} torch threads).\n"
+        "# HS-STaR demo\n\n"
+        + "".join(f"## {method}\n\n{table}\n\n" for method, table in tables.items())
+        + "## Side by side (same M_0, same problems, same budget)\n\n"
+        + comparison_table(results)
+        + "\n\nOne seed cannot separate methods whose difference is a point or two: the seed-to-seed spread on this "
+        'world is of that size. The pre-registered study of many seeds is in docs/benchmarks.md ("The '
+        'pre-registered study").\n\n'
+        + f"Total time {total} s ({timing}; {result['torch_threads']} torch threads).\n"
     )
     (output_dir / "summary.md").write_text(summary)
     print("\n" + summary)
-    for path in plots:
-        print(f"plot: {path}")
+    if plot is not None:
+        print(f"plot: {plot}")
     print(f"results: {output_dir / 'results.json'}")
     return result

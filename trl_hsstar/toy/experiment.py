@@ -30,7 +30,15 @@ from typing import Any
 from .. import artifacts as A
 from ..callbacks import HSStarCallback
 from .problems import ArithmeticProblem, label_steps
-from .world import LEVELS, evaluate_levels, held_out_problems, level_of, level_problems
+from .world import (
+    DPO_LEARNING_RATE,
+    LEVELS,
+    SFT_LEARNING_RATE,
+    evaluate_levels,
+    held_out_problems,
+    level_of,
+    level_problems,
+)
 
 __all__ = [
     "DPO_LEARNING_RATE",
@@ -59,14 +67,6 @@ METHODS: dict[str, dict[str, Any]] = {
     },
     "hsstar-hard": {"allocation": "hsstar", "resample_levels": ["hard"], "train_levels": ["hard"]},
 }
-
-
-SFT_LEARNING_RATE = 1e-4
-"""The world's SFT rate: at 3e-4 one iteration could move held-out accuracy by 0.1 either way (the equal-budget
-study of an earlier M_0, docs/benchmarks.md); at 1e-4 every method gained, iteration after iteration."""
-DPO_LEARNING_RATE = 1.5e-5
-"""The world's DPO rate: at 1.5e-4 (the release's DPO/SFT ratio of 0.5 applied to 3e-4) every method fell below
-M_0 in that study; at 1.5e-5 every method gained and the seeds agreed."""
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Any
 
 from .world import LEVELS
 
-__all__ = ["iteration_table", "plot_run"]
+__all__ = ["comparison_table", "iteration_table", "plot_comparison", "plot_run"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,31 @@ def iteration_table(result: Mapping[str, Any]) -> str:
             str(it["rows"]),
             *accuracy(it["held_out"]),
         ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def comparison_table(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """Runs of several methods side by side: held-out accuracy (all levels) and rows per iteration, and each
+    method's difference from the first one."""
+    methods = list(results)
+    first = results[methods[0]]
+    head = [
+        "after iteration",
+        *methods,
+        *(f"{m} - {methods[0]}" for m in methods[1:]),
+        *(f"rows, {m}" for m in methods),
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def accuracy(result, i):
+        return result["initial"]["all"] if i == 0 else result["iterations"][i - 1]["held_out"]["all"]
+
+    for i in range(len(first["iterations"]) + 1):
+        cells = ["M_0" if i == 0 else str(i)]
+        cells += [f"{accuracy(results[m], i):.3f}" for m in methods]
+        cells += [f"{accuracy(results[m], i) - accuracy(first, i):+.3f}" for m in methods[1:]]
+        cells += ["" if i == 0 else str(results[m]["iterations"][i - 1]["rows"]) for m in methods]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -104,3 +129,23 @@ def plot_run(result: Mapping[str, Any], output_dir: str | Path) -> list[Path] | 
     fig.savefig(accuracy_png, dpi=100)
     plt.close(fig)
     return [levels_png, accuracy_png]
+
+
+def plot_comparison(results: Mapping[str, Mapping[str, Any]], path: str | Path) -> Path | None:
+    """Held-out accuracy (all levels) per iteration, one line per method."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, result in results.items():
+        ys = [result["initial"]["all"], *(it["held_out"]["all"] for it in result["iterations"])]
+        ax.plot(range(len(ys)), ys, marker="o", label=method)
+    ax.set_xticks(range(len(ys)), ["M_0", *(str(i) for i in range(1, len(ys)))])
+    ax.set_xlabel("after iteration")
+    ax.set_ylabel("held-out greedy accuracy (all levels)")
+    ax.set_title("same M_0, same problems, same sampling budget (one seed)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

@@ -27,9 +27,11 @@ from .problems import ArithmeticProblem, generate_problems
 __all__ = [
     "CHECKPOINTS",
     "DEFAULT_REASONER",
+    "DPO_LEARNING_RATE",
     "HELD_OUT_PER_LEVEL",
     "LEVELS",
     "REASONER_PRESETS",
+    "SFT_LEARNING_RATE",
     "WORLD_VERSION",
     "build_reasoner",
     "build_world",
@@ -55,6 +57,13 @@ LEVELS: tuple[str, ...] = ("3x1", "4x1", "5x1", "6x1", "7x1", "8x1", "2x2")
 """The world's difficulty levels, ``"<operands>x<digits>"`` (``"6x1"``: six one-digit operands). M_0 solves the
 short one-digit sums, is unreliable on the long ones and rarely solves two-digit sums, so a pool drawn across the
 levels has real easy, boundary and hard shares."""
+
+SFT_LEARNING_RATE = 1e-4
+"""The world's SFT rate: at 3e-4 one iteration could move held-out accuracy by 0.1 either way (the equal-budget
+study of an earlier M_0, docs/benchmarks.md); at 1e-4 every method gained, iteration after iteration."""
+DPO_LEARNING_RATE = 1.5e-5
+"""The world's DPO rate: at 1.5e-4 (the release's DPO/SFT ratio of 0.5 applied to 3e-4) every method fell below
+M_0 in that study; at 1.5e-5 every method gained and the seeds agreed."""
 
 REASONER_PRESETS: dict[str, dict] = {
     # A few seconds to build: the tests' and the quick recipe's reasoner (one-digit sums of 2 to 5 operands).
