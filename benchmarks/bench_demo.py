@@ -67,8 +67,11 @@ def measure(rounds: int) -> dict:
                 out = work / f"run-{len(times[side])}-{list(SIDES).index(side)}"
                 cmd = [sys.executable, "-c", CLI, "demo", "--output-dir", str(out), *SIDES[side]]
                 start = time.monotonic()
-                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                with open(work / "log.txt", "w") as log:
+                    done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
                 times[side].append(round(time.monotonic() - start, 1))
+                if done.returncode:
+                    raise SystemExit(f"{side}: the demo failed:\n" + (work / "log.txt").read_text()[-3000:])
                 results[side] = json.loads((out / "results.json").read_text())
                 print(f"{side}: {times[side][-1]} s", flush=True)
     finally:
@@ -121,9 +124,9 @@ def render(record: dict) -> tuple[str, str]:
     ]
     finals = " and ".join(f"{m} {' → '.join(f'{v:.3f}' for v in curves[m][1:])}" for m in methods)
     readme = (
-        f"{README_MARKS[0]}\nOn one {record['machine'].split(' (')[0]} with 2 cores (commit `{record['commit']}`) it took "
-        f"{now:.0f} s, {ratio:.2f}x the hsstar-only demo it replaced, measured side by side; held-out accuracy went "
-        f"from {curves[methods[0]][0]:.3f} (M_0) to {finals} after the three iterations "
+        f"{README_MARKS[0]}\nOn {record['machine']} (commit `{record['commit']}`, {record['torch_threads']} torch threads) "
+        f"it took {now:.0f} s, {ratio:.2f}x the hsstar-only demo it replaced, measured side by side; held-out accuracy "
+        f"went from {curves[methods[0]][0]:.3f} (M_0) to {finals} over its {len(curves[methods[0]]) - 1} iterations "
         "([record](docs/benchmarks.md#hsstar-demo-hsstar-beside-uniform-benchmarksbench_demopy)).\n"
         f"{README_MARKS[1]}"
     )
@@ -140,6 +143,10 @@ def publish(record: dict, args) -> None:
 def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
     if args.report_only:
+        if not Path(args.results).exists():
+            raise SystemExit(
+                f"{args.results}: no record to render (run the benchmark without --report-only first)"
+            )
         publish(json.loads(Path(args.results).read_text()), args)
         return 0
     import torch

@@ -23,6 +23,7 @@ from the records alone (``--report-only`` regenerates it without running anythin
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -41,11 +42,26 @@ README_MARKS = ("<!-- bench_study:readme:start -->", "<!-- bench_study:readme:en
 
 # -- the protocol's fixed numbers (docs/protocol.md); changing one is a new protocol
 
+SETTING = {
+    "num_iterations": 3,
+    "problems_per_iteration": 128,
+    "sampling_budget": 8,
+    "num_presamples": 3,
+    "eval_per_level": 400,
+    "max_rows_per_problem": 4,
+    "per_device_train_batch_size": 16,
+    "reward_thresholds": [0.25, 0.5],
+}
+"""The earlier study's setting, fixed before any of its runs (docs/protocol.md, "The setting")."""
+LEARNING_RATES = {"sft": 1e-4, "dpo": 1.5e-5}
+M0_SHA256 = "03fa733b05ce"
+"""The shipped world-2 M_0 (the start of its weights' sha256): a record from another M_0 is left out."""
 SEEDS = 20
-"""Seeds per objective: the power calculation asks for more than 20 under SFT's prior sd, so 20 (the issue's cap)."""
+"""Seeds per objective: the power calculation asks for more than 20 under SFT's prior sd, and 20 is the most the
+study was allowed, so 20 (SFT then has about 75% power at 1 point)."""
 ENDPOINT_LEVELS = ("3x1", "4x1", "5x1", "6x1", "7x1", "8x1")
 """The levels M_0 can learn: 2x2 is left out (M_0 and every run of the earlier study scored 0.00 on it)."""
-EVAL_PER_LEVEL = 400
+EVAL_PER_LEVEL = SETTING["eval_per_level"]
 ENDPOINT_ITERATIONS = 2
 """The endpoint averages the held-out accuracy after the last this-many iterations."""
 EQUAL_STEPS = {"sft": 17, "dpo": 12}
@@ -66,7 +82,7 @@ EQUAL_STEPS_PAIR = ("hsstar-steps", "uniform-steps")
 EFFECT = 0.01
 """The effect the study is powered for: 1 point of accuracy."""
 HALF_WIDTH = 0.006
-"""The 95% interval's half-width the study aims for: 0.6 points."""
+"""The 95% interval's half-width asked for: 0.6 points (SFT would need 31 seeds at its prior sd)."""
 PRIOR = ROOT / "benchmarks" / "results" / "bench_methods.json"
 """The earlier study's records, whose hsstar - uniform differences give the sd of the power calculation."""
 
@@ -98,14 +114,10 @@ def t_sf(t: float, df: int) -> float:
     """P(T > t) for Student's t with ``df`` degrees of freedom."""
     if t == 0:
         return 0.5
-    x = df / (df + t * t)
+    x, y = df / (df + t * t), t * t / (df + t * t)  # y = 1 - x, kept exact for a tiny t
     a, b = df / 2, 0.5
-    front = math.exp(
-        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    )
-    ibeta = (
-        front * _betacf(a, b, x) / a if x < (a + 1) / (a + b + 2) else 1 - front * _betacf(b, a, 1 - x) / b
-    )
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log(y))
+    ibeta = front * _betacf(a, b, x) / a if x < (a + 1) / (a + b + 2) else 1 - front * _betacf(b, a, y) / b
     return ibeta / 2 if t > 0 else 1 - ibeta / 2
 
 
@@ -125,7 +137,8 @@ def paired(diffs: list[float]) -> dict | None:
         return None
     mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
     half = t_quantile(0.975, n - 1) * sd / math.sqrt(n)
-    p = 1.0 if sd == 0 else 2 * t_sf(abs(mean) / (sd / math.sqrt(n)), n - 1)
+    # every pair the same difference: certain, whatever n
+    p = float(mean == 0) if sd == 0 else 2 * t_sf(abs(mean) / (sd / math.sqrt(n)), n - 1)
     return {
         "n": n,
         "mean": mean,
@@ -158,10 +171,12 @@ def power(n: int, sd: float, effect: float = EFFECT) -> float:
 
 
 def seeds_for_power(sd: float, effect: float = EFFECT, target: float = 0.8) -> int:
+    """The fewest pairs with ``target`` power to detect ``effect``."""
     return next(n for n in range(2, 10_000) if power(n, sd, effect) >= target)
 
 
 def seeds_for_half_width(sd: float, half: float = HALF_WIDTH) -> int:
+    """The fewest pairs whose 95% interval is at most ``half`` wide on each side."""
     return next(n for n in range(2, 10_000) if t_quantile(0.975, n - 1) * sd / math.sqrt(n) <= half)
 
 
@@ -223,20 +238,21 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--objectives", nargs="+", default=["sft", "dpo"], choices=["sft", "dpo"])
     p.add_argument(
-        "--seeds", type=int, default=SEEDS, help=f"seeds per objective, 0 to N-1 (the protocol: {SEEDS})"
+        "--seeds",
+        type=int,
+        default=None,
+        help=f"seeds per objective, 0 to N-1 (the protocol: {SEEDS}; --quick: 2)",
     )
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument(
         "--work-dir", default=str(ROOT / "runs" / "study"), help="the runs' artifacts (large; not committed)"
     )
     p.add_argument(
-        "--records",
-        default=str(ROOT / "benchmarks" / "results" / "study"),
-        help="one JSON record per finished run",
+        "--records", default=None, help="one JSON record per finished run (benchmarks/results/study)"
     )
-    p.add_argument("--report", default=str(ROOT / "docs" / "benchmarks.md"))
+    p.add_argument("--report", default=None, help="the page the report goes to (docs/benchmarks.md)")
     p.add_argument(
-        "--readme", default=str(ROOT / "README.md"), help="where the one-line result goes ('' for nowhere)"
+        "--readme", default=None, help="where the one-line result goes (README.md; '' for nowhere)"
     )
     p.add_argument(
         "--report-only", action="store_true", help="regenerate the report from the records, run nothing"
@@ -247,20 +263,25 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cache-dir", default=None, help="where M_0 and the PRM are cached when built (default ~/.cache)"
     )
-    p.add_argument("--quick", action="store_true", help="smoke test: tiny reasoner, 2 seeds, 1 iteration")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: the tiny reasoner, 2 seeds, 2 iterations; records and report under --work-dir unless given",
+    )
     return p
 
 
 def sizes(args) -> dict:
-    """The study's sizes: the protocol's, or the smoke test's."""
+    """The study's setting: the protocol's, or the smoke test's smaller one."""
     if args.quick:
-        return {"num_iterations": 2, "problems_per_iteration": 16, "sampling_budget": 4, "eval_per_level": 5}
-    return {
-        "num_iterations": 3,
-        "problems_per_iteration": 128,
-        "sampling_budget": 8,
-        "eval_per_level": EVAL_PER_LEVEL,
-    }
+        return {
+            **SETTING,
+            "num_iterations": 2,
+            "problems_per_iteration": 16,
+            "sampling_budget": 4,
+            "eval_per_level": 5,
+        }
+    return dict(SETTING)
 
 
 def plan(args) -> list[dict]:
@@ -310,8 +331,12 @@ def execute(
             num_iterations=size["num_iterations"],
             problems_per_iteration=size["problems_per_iteration"],
             sampling_budget=size["sampling_budget"],
-            num_presamples=min(3, size["sampling_budget"]),
+            num_presamples=min(size["num_presamples"], size["sampling_budget"]),
             reward="prm" if prm else "oracle",
+            reward_thresholds=tuple(size["reward_thresholds"]),
+            learning_rate=LEARNING_RATES[run["objective"]],
+            per_device_train_batch_size=size["per_device_train_batch_size"],
+            max_rows_per_problem=size["max_rows_per_problem"],
             extra={"max_steps": EQUAL_STEPS[run["objective"]]} if equal_steps else {},
         ),
         reasoner_dir=reasoner,
@@ -324,7 +349,7 @@ def execute(
     record.update(
         {
             **run,
-            "problem_seed": run["seed"],
+            "quick": args.quick,
             "endpoint": endpoint(record, last=min(ENDPOINT_ITERATIONS, size["num_iterations"])),
             "torch_threads": torch.get_num_threads(),
             "finished_at": time.time(),
@@ -345,19 +370,49 @@ def read_records(directory: Path) -> dict[str, dict]:
 # -- the analysis and the report (from the records alone)
 
 
+def protocol_records(records: dict, *, quick: bool = False, seeds: int = SEEDS) -> tuple[dict, dict]:
+    """The records the protocol analyses (its seeds, its M_0, not a smoke test's), and the others with why."""
+    kept, left_out = {}, {}
+    for name, r in records.items():
+        if r.get("quick", False) != quick:
+            left_out[name] = "a smoke test's" if r.get("quick") else "not a smoke test's"
+        elif r["seed"] not in range(seeds):
+            left_out[name] = f"seed {r['seed']} is not among the protocol's 0-{seeds - 1}"
+        elif not quick and not str(r.get("reasoner_sha256")).startswith(M0_SHA256):
+            left_out[name] = f"another M_0 (sha256 {str(r.get('reasoner_sha256'))[:12]})"
+        else:
+            kept[name] = r
+    return kept, left_out
+
+
 def _by_seed(records: dict, objective: str, arm: str) -> dict[int, dict]:
     return {r["seed"]: r for r in records.values() if r["objective"] == objective and r["arm"] == arm}
 
 
-def comparison(records: dict, objective: str, pair: tuple[str, str], value=endpoint) -> dict | None:
-    """``value(a) - value(b)`` paired by seed, over the seeds where both arms ran on the same machine."""
+def comparison(records: dict, objective: str, pair: tuple[str, str], value=endpoint) -> dict:
+    """``value(a) - value(b)`` paired by seed, over the seeds where both arms ran on the same machine (CPU model,
+    architecture and cores, as recorded); ``None`` figures under two pairs."""
     a, b = _by_seed(records, objective, pair[0]), _by_seed(records, objective, pair[1])
-    seeds = sorted(s for s in set(a) & set(b) if a[s]["machine"] == b[s]["machine"])
-    result = paired([value(a[s]) - value(b[s]) for s in seeds])
-    if result is not None:
-        result["seeds"] = seeds
-        result["mixed_machines"] = sorted(s for s in set(a) & set(b) if a[s]["machine"] != b[s]["machine"])
-    return result
+    both = set(a) & set(b)
+    seeds = sorted(s for s in both if a[s]["machine"] == b[s]["machine"])
+    return {
+        **(paired([value(a[s]) - value(b[s]) for s in seeds]) or {"n": len(seeds), "p": 1.0}),
+        "seeds": seeds,
+        "mixed_machines": sorted(both - set(seeds)),
+    }
+
+
+def _on_level(level: str):
+    return functools.partial(endpoint, levels=(level,))
+
+
+EXPLORATORY = {
+    "equal steps: hsstar-steps - uniform-steps": (EQUAL_STEPS_PAIR, endpoint),
+    "final iteration only: hsstar - uniform": (PRIMARY, functools.partial(endpoint, last=1)),
+    **{f"level {lv}: hsstar - uniform": (PRIMARY, _on_level(lv)) for lv in ENDPOINT_LEVELS},
+}
+"""The exploratory family of each objective (8 comparisons), Holm-adjusted as one: a comparison without two pairs
+yet counts with p = 1."""
 
 
 def analyse(records: dict) -> dict:
@@ -366,18 +421,9 @@ def analyse(records: dict) -> dict:
     for objective in ("sft", "dpo"):
         if not any(r["objective"] == objective for r in records.values()):
             continue
-        final = lambda r: endpoint(r, last=1)  # noqa: E731
         exploratory = {
-            "equal steps: hsstar-steps - uniform-steps": comparison(records, objective, EQUAL_STEPS_PAIR),
-            "final iteration only: hsstar - uniform": comparison(records, objective, PRIMARY, final),
-            **{
-                f"level {lv}: hsstar - uniform": comparison(
-                    records, objective, PRIMARY, lambda r, lv=lv: endpoint(r, levels=(lv,))
-                )
-                for lv in ENDPOINT_LEVELS
-            },
+            name: comparison(records, objective, pair, value) for name, (pair, value) in EXPLORATORY.items()
         }
-        exploratory = {k: v for k, v in exploratory.items() if v is not None}
         adjusted = holm({k: v["p"] for k, v in exploratory.items()})
         for k, v in exploratory.items():
             v["p_holm"] = adjusted[k]
@@ -393,9 +439,9 @@ def _pts(x: float) -> str:
     return f"{100 * x:+.2f}"
 
 
-def _row(name: str, c: dict | None, holm_p: bool = False) -> str:
-    if c is None:
-        return f"| {name} | 0 | | | | |" + (" |" if holm_p else "")
+def _row(name: str, c: dict, holm_p: bool = False) -> str:
+    if "mean" not in c:  # under two pairs
+        return f"| {name} | {c['n']} | | | | |" + (f" {c['p_holm']:.3f} |" if holm_p else "")
     cells = [
         name,
         str(c["n"]),
@@ -409,14 +455,15 @@ def _row(name: str, c: dict | None, holm_p: bool = False) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def _arm_row(objective: str, arm: str, recs: list[dict]) -> str:
+def _arm_row(arm: str, recs: list[dict]) -> str:
     its = [it for r in recs for it in r["iterations"]]
     rows = statistics.mean(it["rows"] for it in its)
     steps = [it.get("train_steps") for it in its if it.get("train_steps") is not None]
-    at_cap = Counter()
+    by_rows = Counter()  # rows a problem gave -> problems
     for it in its:
-        at_cap.update({int(k): v for k, v in it.get("problems_by_row_count", {}).items()})
-    with_rows = sum(at_cap.values())
+        by_rows.update({int(k): v for k, v in it.get("problems_by_row_count", {}).items()})
+    with_rows = sum(by_rows.values())
+    cap = recs[0]["run"]["max_rows_per_problem"]
     eps = [r["endpoint"] for r in recs]
     return (
         f"| {arm} | {len(recs)} | {statistics.mean(eps):.4f}"
@@ -425,57 +472,69 @@ def _arm_row(objective: str, arm: str, recs: list[dict]) -> str:
         + f" | {statistics.mean(it['budget_spent'] for it in its):.0f}"
         + f" | {'yes' if all(it['budget_spent'] == it['budget_planned'] for it in its) else 'NO'}"
         + f" | {rows:.0f} | {with_rows / len(its):.0f}"
-        + f" | {100 * at_cap[recs[0]['run']['max_rows_per_problem']] / with_rows if with_rows else 0:.0f}%"
+        + f" | {100 * by_rows[cap] / with_rows if with_rows else 0:.0f}%"
         + f" | {statistics.mean(steps) if steps else float('nan'):.1f}"
         + f" | {statistics.mean(r['wall_seconds'] for r in recs):.0f} |"
     )
 
 
-def verdict(a: dict, *, complete: bool) -> list[str]:
+def is_complete(c: dict, planned_seeds: int = SEEDS) -> bool:
+    """Every planned seed has its pair, both arms on one machine."""
+    return set(range(planned_seeds)) <= set(c["seeds"])
+
+
+def verdict(a: dict, *, complete: bool, expected_half_width: float | None = None) -> list[str]:
     """The readings the protocol fixed in advance, as bullet lines."""
-    out = []
-    floor = a["noise_floor"]
-    if floor is not None:
-        sound = floor["low"] <= 0 <= floor["high"]
+    out, floor, c = [], a["noise_floor"], a["primary"]
+    sound = "mean" not in floor or floor["low"] <= 0 <= floor["high"]
+    if "mean" in floor:
         out.append(
             "- Noise floor: the same-procedure interval "
             + (
-                "holds 0: the instrument is sound."
+                "holds 0, as the protocol requires"
                 if sound
-                else "**excludes 0: find out why before reading anything else.**"
+                else "**excludes 0: the cause is found before anything else is read**"
             )
+            + ("." if complete else " (so far).")
         )
-    c = a["primary"]
-    if c is None:
+    for name, comp in (("primary", c), ("noise floor", floor)):
+        if comp["mixed_machines"]:
+            out.append(
+                f"- Left out of the {name}, their arms on different machines: seeds {', '.join(map(str, comp['mixed_machines']))}."
+            )
+    if "mean" not in c:
         return out
-    out.append(
-        f"- Half-width reached: {100 * c['half_width']:.2f} points (the protocol aims at {100 * HALF_WIDTH:.1f})."
+    expected = (
+        ""
+        if expected_half_width is None
+        else f"; the power calculation expected {100 * expected_half_width:.2f} at the planned seeds"
     )
-    if c["mixed_machines"]:
-        out.append(
-            f"- Seeds left out, their arms on different machines: {', '.join(map(str, c['mixed_machines']))}."
-        )
+    out.append(
+        f"- Half-width reached: {100 * c['half_width']:.2f} points (the protocol asked for {100 * HALF_WIDTH:.1f}{expected})."
+    )
     if not complete:
         out.append("- Primary: interim; the protocol draws no conclusion before every planned seed has run.")
+    elif not sound:
+        out.append("- Primary: withheld until the noise floor's failure is explained.")
     elif c["low"] > 0:
         out.append(
             f"- Primary: **confirmed on this world**: hsstar ahead by {_pts(c['mean'])} points, interval above 0."
         )
     elif c["high"] < 0:
         out.append(
-            f"- Primary: **refuted on this world**: hsstar behind by {_pts(c['mean'])} points, interval below 0."
+            f"- Primary: **refuted on this world**: hsstar behind by {abs(100 * c['mean']):.2f} points, interval below 0."
         )
     else:
         out.append(
-            f"- Primary: **no effect detected; bounded**: hsstar is no more than {_pts(c['high'])} points ahead of "
-            f"uniform and no more than {_pts(-c['low'])[1:]} points behind (the 95% interval)."
+            f"- Primary: **no effect detected**: the 95% interval rules out an advantage of hsstar above "
+            f"{100 * c['high']:.2f} points and a deficit beyond {-100 * c['low']:.2f} points."
         )
     return out
 
 
 def _curves(recs: list[dict]) -> str:
     """Mean endpoint-level accuracy after each iteration over the records (M_0 first)."""
-    n = len(recs[0]["iterations"])
+    n = min(len(r["iterations"]) for r in recs)
     means = [statistics.mean(r["initial_endpoint"] for r in recs)]
     means += [
         statistics.mean(
@@ -486,21 +545,20 @@ def _curves(recs: list[dict]) -> str:
     return " → ".join(f"{v:.4f}" for v in means)
 
 
-def report(records: dict, power_calc: dict, planned_seeds: int = SEEDS) -> str:
+def report(all_records: dict, power_calc: dict, *, quick: bool = False, planned_seeds: int = SEEDS) -> str:
     """The study's section of docs/benchmarks.md, from its records and the power calculation alone."""
+    records, left_out = protocol_records(all_records, quick=quick, seeds=planned_seeds)
     analysis = analyse(records)
     lines = [
         MARKS[0],
         "",
         "## The pre-registered study: hsstar against uniform (`benchmarks/bench_study.py`)",
         "",
-    ]
-    lines += [
         "The protocol, committed before these runs: [protocol.md](protocol.md). Primary endpoint: the mean held-out "
         f"greedy accuracy after the last {ENDPOINT_ITERATIONS} iterations on levels {ENDPOINT_LEVELS[0]} to "
         f"{ENDPOINT_LEVELS[-1]} ({EVAL_PER_LEVEL} problems each), in points (1 point = 0.01). Primary comparison: "
         "hsstar - uniform at equal generated samples, paired by seed, one per objective. Everything else is "
-        "exploratory, its p-values Holm-adjusted within the objective.",
+        f"exploratory, its p-values Holm-adjusted over the {len(EXPLORATORY)} comparisons of its objective.",
         "",
         "**Power calculation** (the sd of hsstar - uniform on this endpoint in the earlier study, "
         "`benchmarks/results/bench_methods.json`, 150 problems per level there; normal approximation of the "
@@ -517,85 +575,86 @@ def report(records: dict, power_calc: dict, planned_seeds: int = SEEDS) -> str:
             f"{100 * pc['detectable_at_seeds']:.2f} |"
         )
     lines.append("")
-    commits = sorted({r["commit"] for r in records.values()})
-    machines = sorted({r["machine"] for r in records.values()})
-    commands = sorted({r["command"] for r in records.values()})
+    values = lambda field: sorted({str(r[field]) for r in records.values()})  # noqa: E731
     lines += [
-        f"Records: {len(records)} runs in `benchmarks/results/study/`, one JSON each. Commits: "
-        + ", ".join(f"`{c}`" for c in commits)
+        f"Records: {len(records)} runs in `benchmarks/results/study/`, one JSON each"
+        + (
+            f" ({len(left_out)} more left out: {'; '.join(f'{k}, {v}' for k, v in sorted(left_out.items()))})"
+            if left_out
+            else ""
+        )
+        + ". Commits: "
+        + ", ".join(f"`{c}`" for c in values("commit"))
         + ". Machines: "
-        + "; ".join(machines)
+        + "; ".join(values("machine"))
         + ". Torch threads per run: "
-        + " or ".join(str(t) for t in sorted({r["torch_threads"] for r in records.values()}))
-        + f", {' or '.join(str(j) for j in sorted({r['jobs'] for r in records.values()}))} runs at a time. Commands:",
+        + " or ".join(values("torch_threads"))
+        + f", {' or '.join(values('jobs'))} runs at a time. Commands:",
         "",
-        *[f"    {c}" for c in commands],
+        *[f"    {c}" for c in values("command")],
         "",
     ]
     for objective, a in analysis.items():
-        done = len(a["primary"]["seeds"]) if a["primary"] else 0
+        complete = is_complete(a["primary"], planned_seeds)
+        done = len(a["primary"]["seeds"])
         status = (
-            "complete"
-            if done >= planned_seeds
-            else f"**interim: {done} of {planned_seeds} seeds; no claim is drawn**"
+            "complete" if complete else f"**interim: {done} of {planned_seeds} seeds; no claim is drawn**"
         )
-        lines += [f"### {objective.upper()} ({status})", ""]
         lines += [
+            f"### {objective.upper()} ({status})",
+            "",
             "| comparison (paired by seed) | seeds | mean (points) | 95% interval | half-width | p |",
             "|---|---:|---:|---|---:|---:|",
             _row("**primary: hsstar - uniform, equal samples**", a["primary"]),
             _row("noise floor: uniform-again - uniform", a["noise_floor"]),
             "",
-            *verdict(a, complete=done >= planned_seeds),
+            *verdict(
+                a,
+                complete=complete,
+                expected_half_width=power_calc.get(objective, {}).get("half_width_at_seeds"),
+            ),
             "",
-        ]
-        if a["exploratory"]:
-            lines += [
-                "Exploratory (Holm over this family):",
-                "",
-                "| comparison (paired by seed) | seeds | mean (points) | 95% interval | half-width | p | p, Holm |",
-                "|---|---:|---:|---|---:|---:|---:|",
-                *[_row(name, c, holm_p=True) for name, c in a["exploratory"].items()],
-                "",
-            ]
-        lines += [
+            f"Exploratory (Holm over the {len(EXPLORATORY)}):",
+            "",
+            "| comparison (paired by seed) | seeds | mean (points) | 95% interval | half-width | p | p, Holm |",
+            "|---|---:|---:|---|---:|---:|---:|",
+            *[_row(name, c, holm_p=True) for name, c in a["exploratory"].items()],
+            "",
             "| arm | seeds | endpoint, mean ± sd | M_0 on the endpoint | samples per iteration | budget exact | rows "
             "per iteration | problems with rows | of those at the cap | optimizer steps per iteration | wall s / run |",
             "|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|",
         ]
-        for arm in ARMS:
-            recs = [r for r in records.values() if r["objective"] == objective and r["arm"] == arm]
-            if recs:
-                lines.append(_arm_row(objective, arm, recs))
+        arms = {
+            arm: [r for r in records.values() if r["objective"] == objective and r["arm"] == arm]
+            for arm in ARMS
+        }
+        lines += [_arm_row(arm, recs) for arm, recs in arms.items() if recs]
         lines += [
             "",
             "Held-out accuracy on the endpoint's levels after each iteration, mean over seeds (M_0 first):",
             "",
         ]
-        for arm in ARMS:
-            recs = [r for r in records.values() if r["objective"] == objective and r["arm"] == arm]
-            if recs:
-                lines.append(f"- {arm}: {_curves(recs)}")
+        lines += [f"- {arm}: {_curves(recs)}" for arm, recs in arms.items() if recs]
         lines.append("")
     lines.append(MARKS[1])
     return "\n".join(lines)
 
 
-def readme_line(records: dict, planned_seeds: int = SEEDS) -> str:
+def readme_line(all_records: dict, *, quick: bool = False, planned_seeds: int = SEEDS) -> str:
     """The README's one line of what the study measured, from its records alone."""
-    analysis = analyse(records)
+    analysis = analyse(protocol_records(all_records, quick=quick, seeds=planned_seeds)[0])
     parts = []
     for objective in ("sft", "dpo"):
         c = analysis.get(objective, {}).get("primary")
-        if c is None:
+        if c is None or "mean" not in c:
             parts.append(f"{objective.upper()} not yet run")
             continue
         done = len(c["seeds"])
         parts.append(
             f"{objective.upper()} {_pts(c['mean'])} points, 95% interval [{_pts(c['low'])}, {_pts(c['high'])}] "
             + (
-                "(20 seeds)"
-                if done >= planned_seeds
+                f"({done} seeds)"
+                if is_complete(c, planned_seeds)
                 else f"(interim, {done} of {planned_seeds} seeds: no claim drawn yet)"
             )
         )
@@ -609,9 +668,10 @@ def readme_line(records: dict, planned_seeds: int = SEEDS) -> str:
 
 def publish(records: dict, args) -> None:
     """The report into ``--report`` and the README's line into ``--readme``, from the records."""
-    write_report(Path(args.report), report(records, power_calculation()), marks=MARKS)
+    settings = {"quick": args.quick, "planned_seeds": SEEDS if not args.quick else args.seeds}
+    write_report(Path(args.report), report(records, power_calculation(), **settings), marks=MARKS)
     if args.readme:
-        write_report(Path(args.readme), readme_line(records), marks=README_MARKS)
+        write_report(Path(args.readme), readme_line(records, **settings), marks=README_MARKS)
 
 
 def main(argv=None) -> int:
@@ -619,8 +679,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1 (runs at a time), got {args.jobs}")
-    if args.seeds < 1:
+    if args.seeds is not None and args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
+    # a smoke test never writes into the study: its records and report go under its work dir unless named
+    home = Path(args.work_dir) if args.quick else ROOT
+    args.seeds = args.seeds or (2 if args.quick else SEEDS)
+    args.records = args.records or str(home / "benchmarks" / "results" / "study")
+    args.report = args.report or str(home / "docs" / "benchmarks.md")
+    args.readme = str(home / "README.md") if args.readme is None else args.readme
     records_dir = Path(args.records)
     records_dir.mkdir(parents=True, exist_ok=True)
     if args.report_only:

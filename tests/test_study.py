@@ -16,9 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def study():
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("bench_study", ROOT / "benchmarks" / "bench_study.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec = importlib.util.spec_from_file_location("bench_study", ROOT / "benchmarks" / "bench_study.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
     return module
 
 
@@ -29,6 +32,9 @@ def test_students_t_matches_the_tables(study):
     assert study.t_sf(2.0, 10) == pytest.approx(0.03669, abs=1e-5)
     assert study.t_sf(-2.0, 10) == pytest.approx(1 - 0.03669, abs=1e-5)
     assert study.t_sf(0.0, 7) == 0.5
+    # a t of float noise (seeds whose differences cancel) is a tail of one half, not a math domain error
+    assert study.t_sf(1e-12, 19) == pytest.approx(0.5)
+    assert study.paired([0.15333333333333343, -0.15333333333333327])["p"] == pytest.approx(1.0)
 
 
 def test_paired_differences_and_holm(study):
@@ -37,6 +43,7 @@ def test_paired_differences_and_holm(study):
     assert r["half_width"] == pytest.approx(2.776 * r["sd"] / math.sqrt(5), rel=1e-3)
     assert r["p"] == pytest.approx(0.0474, abs=1e-3)  # t = 2.83 on 4 degrees of freedom
     assert study.paired([0.1]) is None
+    assert study.paired([0.02, 0.02, 0.02])["p"] == 0.0  # the same difference every time: certain
     # Holm: the smallest p times the family's size, each next one times one less, never below the one before
     assert study.holm({"a": 0.01, "b": 0.04, "c": 0.03}) == {"a": 0.03, "c": 0.06, "b": 0.06}
     assert study.holm({"a": 0.5, "b": 0.9}) == {"a": 1.0, "b": 1.0}
@@ -65,41 +72,92 @@ def test_the_plan_runs_every_arm_of_a_seed_before_the_next_seed(study):
     assert [(r["objective"], r["seed"]) for r in runs[::5]] == [
         (o, s) for o in ("sft", "dpo") for s in range(3)
     ]
-    assert study.make_parser().parse_args([]).seeds == 20
 
 
-def _record(objective, arm, seed, accuracy, *, machine="cpu A"):
+def _record(study, objective, arm, seed, accuracy, *, machine="cpu A"):
     its = [
         {
-            "held_out": {lv: accuracy for lv in study_levels()},
+            "held_out": dict.fromkeys(study.ENDPOINT_LEVELS, accuracy),
             "rows": 10,
             "budget_spent": 8,
             "budget_planned": 8,
         }
     ]
-    return {
-        "objective": objective,
-        "arm": arm,
-        "seed": seed,
-        "machine": machine,
-        "iterations": its * 3,
-    }
-
-
-def study_levels():
-    return ("3x1", "4x1", "5x1", "6x1", "7x1", "8x1")
+    return {"objective": objective, "arm": arm, "seed": seed, "machine": machine, "iterations": its * 3}
 
 
 def test_pairs_are_by_seed_on_one_machine(study):
     records = {}
     for seed, (a, b) in enumerate([(0.52, 0.50), (0.53, 0.50), (0.51, 0.50)]):
-        records[f"h{seed}"] = _record("sft", "hsstar", seed, a)
-        records[f"u{seed}"] = _record("sft", "uniform", seed, b)
-    records["h3"] = _record("sft", "hsstar", 3, 0.9, machine="cpu B")  # its pair ran elsewhere
-    records["u3"] = _record("sft", "uniform", 3, 0.1)
+        records[f"h{seed}"] = _record(study, "sft", "hsstar", seed, a)
+        records[f"u{seed}"] = _record(study, "sft", "uniform", seed, b)
+    records["h3"] = _record(study, "sft", "hsstar", 3, 0.9, machine="cpu B")  # its pair ran elsewhere
+    records["u3"] = _record(study, "sft", "uniform", 3, 0.1)
     c = study.comparison(records, "sft", study.PRIMARY)
     assert c["seeds"] == [0, 1, 2] and c["mixed_machines"] == [3]
     assert c["mean"] == pytest.approx(0.02)
+    # the exploratory family is always the protocol's 8, a comparison without two pairs counting with p = 1
+    family = study.analyse(records)["sft"]["exploratory"]
+    assert len(family) == 8 and family["equal steps: hsstar-steps - uniform-steps"]["p"] == 1.0
+
+
+def _analysis(primary, floor=(-0.01, 0.01)):
+    def comp(low, high):
+        return {
+            "mean": (low + high) / 2,
+            "low": low,
+            "high": high,
+            "half_width": (high - low) / 2,
+            "seeds": list(range(20)),
+            "mixed_machines": [],
+        }
+
+    return {"primary": comp(*primary), "noise_floor": comp(*floor)}
+
+
+def test_the_readings_are_the_protocols(study):
+    def reading(a, complete=True):
+        return next(line for line in study.verdict(a, complete=complete) if line.startswith("- Primary"))
+
+    assert "confirmed" in reading(_analysis((0.002, 0.012)))
+    assert "refuted" in reading(_analysis((-0.012, -0.002))) and "behind by 0.70 points" in reading(
+        _analysis((-0.012, -0.002))
+    )
+    bounded = reading(_analysis((-0.004, 0.006)))
+    assert (
+        "no effect detected" in bounded and "above 0.60 points" in bounded and "beyond 0.40 points" in bounded
+    )
+    assert "interim" in reading(_analysis((0.002, 0.012)), complete=False)
+    # a noise floor whose interval excludes 0 withholds the primary reading, whatever it shows
+    assert "withheld" in reading(_analysis((0.002, 0.012), floor=(0.001, 0.02)))
+
+
+def test_only_the_protocols_records_are_analysed(study):
+    good = {"seed": 3, "reasoner_sha256": study.M0_SHA256 + "ab"}
+    records = {
+        "ok": good,
+        "smoke": {**good, "quick": True},
+        "seed 25": {**good, "seed": 25},
+        "other M_0": {**good, "reasoner_sha256": "ffff"},
+    }
+    kept, left_out = study.protocol_records(records)
+    assert list(kept) == ["ok"] and sorted(left_out) == ["other M_0", "seed 25", "smoke"]
+
+
+def test_the_study_runs_the_protocols_setting(study):
+    """The setting is pinned in the script (docs/protocol.md, "The setting"), and equals the world's defaults that
+    the earlier study ran with."""
+    from trl_hsstar.toy.experiment import WorldRun
+    from trl_hsstar.toy.world import DPO_LEARNING_RATE, SFT_LEARNING_RATE
+
+    defaults = WorldRun()
+    assert study.LEARNING_RATES == {"sft": SFT_LEARNING_RATE, "dpo": DPO_LEARNING_RATE}
+    for field in ("sampling_budget", "num_presamples", "max_rows_per_problem", "per_device_train_batch_size"):
+        assert study.SETTING[field] == getattr(defaults, field)
+    assert tuple(study.SETTING["reward_thresholds"]) == tuple(defaults.reward_thresholds)
+    text = (ROOT / "docs" / "protocol.md").read_text()
+    assert f"`max_steps` = {study.EQUAL_STEPS['sft']} (SFT) / {study.EQUAL_STEPS['dpo']} (DPO)" in text
+    assert f"**{study.SEEDS} seeds (0 to {study.SEEDS - 1})" in text and study.M0_SHA256 in text
 
 
 @pytest.mark.slow

@@ -270,7 +270,7 @@ def test_demo_prints_hsstar_and_uniform_side_by_side_and_writes_plots(
     assert "| M_0 |" in printed and "budget spent/planned" in printed and "56/56" in printed
     assert "## hsstar" in printed and "## uniform" in printed
     side = printed.split("## Side by side")[1]
-    assert "| after iteration | hsstar | uniform | uniform - hsstar |" in side
+    assert "| after iteration | hsstar | uniform | hsstar - uniform |" in side
     result = json.loads((out / "results.json").read_text())
     assert list(result["methods"]) == ["hsstar", "uniform"]
     hsstar, uniform = result["methods"]["hsstar"], result["methods"]["uniform"]

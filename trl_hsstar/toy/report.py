@@ -45,14 +45,14 @@ def iteration_table(result: Mapping[str, Any]) -> str:
 
 
 def comparison_table(results: Mapping[str, Mapping[str, Any]]) -> str:
-    """Runs of several methods side by side: held-out accuracy (all levels) and rows per iteration, and each
-    method's difference from the first one."""
+    """Runs of several methods side by side: held-out accuracy (all levels) and rows per iteration, and the first
+    method's difference from each other one."""
     methods = list(results)
     first = results[methods[0]]
     head = [
         "after iteration",
         *methods,
-        *(f"{m} - {methods[0]}" for m in methods[1:]),
+        *(f"{methods[0]} - {m}" for m in methods[1:]),
         *(f"rows, {m}" for m in methods),
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -63,7 +63,7 @@ def comparison_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     for i in range(len(first["iterations"]) + 1):
         cells = ["M_0" if i == 0 else str(i)]
         cells += [f"{accuracy(results[m], i):.3f}" for m in methods]
-        cells += [f"{accuracy(results[m], i) - accuracy(first, i):+.3f}" for m in methods[1:]]
+        cells += [f"{accuracy(first, i) - accuracy(results[m], i):+.3f}" for m in methods[1:]]
         cells += ["" if i == 0 else str(results[m]["iterations"][i - 1]["rows"]) for m in methods]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
