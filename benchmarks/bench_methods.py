@@ -582,17 +582,17 @@ def _worker(threads: int) -> None:
             os._exit(1)
 
 
-def in_workers(fn, runs: list, *, jobs: int, threads: int, **kwargs):
-    """``fn(run, **kwargs)`` for every run, yielding each result as it finishes: ``jobs`` at a time in worker
-    processes of ``threads`` torch threads each (:func:`_worker`), or in this process when ``jobs`` is 1."""
-    if jobs == 1:
+def in_workers(fn, runs: list, *, at_a_time: int, threads: int, **kwargs):
+    """``fn(run, **kwargs)`` for every run, yielding each result as it finishes: ``at_a_time`` at a time in worker
+    processes of ``threads`` torch threads each (:func:`_worker`), or in this process when ``at_a_time`` is 1."""
+    if at_a_time == 1:
         yield from (fn(run, **kwargs) for run in runs)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     executor = ProcessPoolExecutor(
-        jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker, initargs=(threads,)
+        at_a_time, mp_context=multiprocessing.get_context("spawn"), initializer=_worker, initargs=(threads,)
     )
     try:
         yield from (f.result() for f in as_completed([executor.submit(fn, run, **kwargs) for run in runs]))
@@ -755,7 +755,7 @@ def main(argv=None) -> int:
         jobs=jobs,
     )
     for done, (k, record) in enumerate(
-        in_workers(execute, pending, jobs=jobs, threads=threads, **context), 1
+        in_workers(execute, pending, at_a_time=jobs, threads=threads, **context), 1
     ):
         records[k] = record
         print(

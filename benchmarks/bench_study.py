@@ -739,7 +739,9 @@ def main(argv=None) -> int:
     common = dict(args=args, reasoner=str(reasoner), prm=prm, initial=initial, context=context)
     if jobs == 1:
         torch.set_num_threads(threads)
-    for done, (k, record) in enumerate(in_workers(execute, pending, jobs=jobs, threads=threads, **common), 1):
+    for done, (k, record) in enumerate(
+        in_workers(execute, pending, at_a_time=jobs, threads=threads, **common), 1
+    ):
         print(
             f"[{done}/{len(pending)}] {k}: endpoint {record['endpoint']:.4f} (M_0 {initial['endpoint']:.4f}), "
             f"{record['wall_seconds']} s",

@@ -205,11 +205,20 @@ def test_the_quick_study_writes_records_and_a_report_regenerated_from_them(
         recs["sft-uniform-again-s0"]["run"]["seed"] == 10_000 and recs["sft-uniform-s0"]["run"]["seed"] == 0
     )
     text = report.read_text()
-    assert "kept" in text and "interim: 2 of 20 seeds" in text and "noise floor" in text
+    assert "kept" in text and "### SFT (complete)" in text and "noise floor" in text
     # the report is a function of the records: regenerated, it is the same text
     before = text
     readme = (tmp_path / "README.md").read_text()
-    assert "SFT" in readme and "interim, 2 of 20 seeds" in readme and "DPO not yet run" in readme
-    again = ["bench", "--protocol", "--report-only", "--records", str(records), "--report", str(report)]
+    assert "SFT" in readme and "(2 seeds)" in readme and "DPO not yet run" in readme
+    again = [
+        "bench",
+        "--protocol",
+        "--quick",
+        "--report-only",
+        "--records",
+        str(records),
+        "--report",
+        str(report),
+    ]
     assert main([*again, "--readme", str(tmp_path / "README.md")]) == 0
     assert report.read_text() == before and (tmp_path / "README.md").read_text() == readme
