@@ -38,6 +38,9 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stats import interval95
+
 from trl_hsstar.toy.world import DPO_LEARNING_RATE, LEVELS, SFT_LEARNING_RATE  # light: no torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,19 +215,6 @@ def _span_minutes(recs) -> float | None:
 def _mean_or_none(values):
     values = [v for v in values if v is not None]
     return statistics.mean(values) if values else None
-
-
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-"""Student's t, 97.5th percentile, by degrees of freedom: the 95% interval of a mean over a few seeds."""
-
-
-def interval95(diffs: list[float]) -> tuple[float, float, float] | None:
-    """Mean of paired differences and its two-sided 95% t-interval (None under two pairs)."""
-    if len(diffs) < 2:
-        return None
-    mean = statistics.mean(diffs)
-    half = T_975.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / len(diffs) ** 0.5
-    return mean, mean - half, mean + half
 
 
 def _final(record):
