@@ -487,12 +487,14 @@ def script_meta(script: str, argv, started: float, **extra) -> dict:
     }
 
 
-def publish(render, data: dict, *, results: str, output: str | None, marks: tuple[str, str]) -> None:
+def publish(
+    render, data: dict, *, results: str, output: str | None, marks: tuple[str, str], **readme
+) -> None:
     """Write the record ``data`` to ``results``, then render the section from the record as written (so that it is
     the section ``--report-only`` gives), print it and put it into ``output`` between ``marks``."""
     Path(results).parent.mkdir(parents=True, exist_ok=True)
     Path(results).write_text(json.dumps(data, indent=1) + "\n")
-    republish(render, results=results, output=output, marks=marks)
+    republish(render, results=results, output=output, marks=marks, **readme)
 
 
 def add_report_only(parser: argparse.ArgumentParser) -> None:
@@ -502,16 +504,28 @@ def add_report_only(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def republish(render, *, results: str, output: str | None, marks: tuple[str, str]) -> None:
+def republish(
+    render,
+    *,
+    results: str,
+    output: str | None,
+    marks: tuple[str, str],
+    readme: str | None = None,
+    readme_marks: tuple[str, str] | None = None,
+) -> None:
     """``--report-only``: render the section from the record in ``results``, print it and put it into ``output``
-    between ``marks``; nothing is measured."""
+    between ``marks``; nothing is measured. A ``render`` that returns ``(section, line)`` also puts its README line
+    into ``readme`` between ``readme_marks``."""
     path = Path(results)
     if not path.exists():
         raise SystemExit(f"{path}: no record to render (run the benchmark without --report-only first)")
-    text = render(json.loads(path.read_text()))
-    print(text)
+    rendered = render(json.loads(path.read_text()))
+    section, line = rendered if isinstance(rendered, tuple) else (rendered, None)
+    print(section)
     if output:
-        write_report(Path(output), text, marks=marks)
+        write_report(Path(output), section, marks=marks)
+    if line is not None and readme:
+        write_report(Path(readme), line, marks=readme_marks)
 
 
 def write_report(path: Path, section: str, name: str = "", *, marks: tuple[str, str] | None = None) -> None:
