@@ -29,6 +29,8 @@ _LAZY = {
     "HSStarDPOConfig": "config",
     "HSStarTrainer": "trainer",
     "HSStarDPOTrainer": "trainer",
+    "HSStarGRPOConfig": "grpo",
+    "HSStarGRPOTrainer": "grpo",
     "HSStarCallback": "callbacks",
     # answer checking
     "MathVerifier": "verify",
@@ -43,6 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .callbacks import HSStarCallback
     from .config import HSStarConfig, HSStarDPOConfig
     from .difficulty import PUBLISHED_THRESHOLDS, Difficulty, Level, estimate_difficulty, lookup_thresholds
+    from .grpo import HSStarGRPOConfig, HSStarGRPOTrainer
     from .selection import ScoredSample, select_dpo_pairs, select_sft_rows
     from .trainer import HSStarDPOTrainer, HSStarTrainer
     from .verify import MathVerifier, extract_answer, verify_answer
