@@ -36,6 +36,7 @@ _LAZY = {
     "MathVerifier": "verify",
     "extract_answer": "verify",
     "verify_answer": "verify",
+    "answer_reward": "verify",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -48,7 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .grpo import HSStarGRPOConfig, HSStarGRPOTrainer
     from .selection import ScoredSample, select_dpo_pairs, select_sft_rows
     from .trainer import HSStarDPOTrainer, HSStarTrainer
-    from .verify import MathVerifier, extract_answer, verify_answer
+    from .verify import MathVerifier, answer_reward, extract_answer, verify_answer
 
 
 def __getattr__(name: str):
