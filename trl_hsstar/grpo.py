@@ -8,8 +8,8 @@ ones at ``reprobe_rate``, prompts never rolled out first. Every round still gene
 completions in groups of ``num_generations``, so the budget is plain GRPO's to the completion and TRL's own reward
 calls, advantages and loss run untouched.
 
-The seam is a sampler (``_get_train_sampler``, as GRPO's ``RepeatSampler``) and an observer of the gathered rewards
-(``_calculate_rewards``); both are upstream's protected methods, checked against the installed TRL by
+The seam is a sampler (in place of GRPO's ``RepeatSampler``) and an observer of the gathered rewards; both reach
+upstream's protected methods through ``_compat.GRPOSeams``, checked against the installed TRL by
 ``tests/test_compat.py``. The difficulty state is saved in every checkpoint and read back on resume, as TRL keeps
 its entropy controller's state.
 """
@@ -30,6 +30,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import GRPOConfig, GRPOTrainer
 
+from ._compat import GRPOSeams
 from .budget import ROLLOUT_ALLOCATIONS, draw_prompts
 from .checks import check_int
 from .difficulty import ESTIMATORS, Difficulty, Level, estimate_difficulty, validate_thresholds
@@ -156,7 +157,7 @@ class _SaveDifficulty(TrainerCallback):
                 json.dump(self.trainer.difficulty_state(), f)
 
 
-class HSStarGRPOTrainer(GRPOTrainer):
+class HSStarGRPOTrainer(GRPOSeams, GRPOTrainer):
     """[`~trl.GRPOTrainer`] whose generation rounds go to boundary prompts (see the module doc and docs/grpo.md).
 
     Takes GRPOTrainer's arguments, an [`HSStarGRPOConfig`] as `args`, and optionally `process_reward_model`: a
@@ -227,9 +228,10 @@ class HSStarGRPOTrainer(GRPOTrainer):
 
     # -- the seam: which prompts each round rolls out
 
-    def _get_train_sampler(self, dataset=None):
+    def rollout_sampler(self) -> RoundSampler | None:
+        """The sampler of the training rounds (GRPO's own under ``allocation="uniform"``)."""
         if self.args.allocation == "uniform":
-            return super()._get_train_sampler(dataset)
+            return None
         return RoundSampler(
             self,
             batch_size=self.args.generation_batch_size // self.num_generations,
@@ -257,8 +259,8 @@ class HSStarGRPOTrainer(GRPOTrainer):
 
     # -- the observer: each group's rewards update its prompt's difficulty
 
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+    def observe_rewards(self, inputs, prompts, completions, rewards_per_func) -> None:
+        """Read the gathered rewards of a round: accuracy, the PRM's score, GRPO's total per completion."""
         keys = gather_object([prompt_key(x["prompt"]) for x in inputs])
         scores = None
         if self.process_reward_model is not None:
@@ -274,7 +276,6 @@ class HSStarGRPOTrainer(GRPOTrainer):
         weights = self.reward_weights.to(rewards_per_func.device)
         totals = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1).tolist()  # GRPO's reward
         self.observe(keys, correct, scores, totals)
-        return rewards_per_func
 
     def observe(self, keys: list[str], correct: list[bool], scores: list | None, totals: list[float]) -> None:
         """Update each group's prompt from its rollouts and count what was spent (every process, the same)."""
