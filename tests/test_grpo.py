@@ -286,3 +286,22 @@ Path({str(tmp_path)!r}, f"rank{{rank}}.json").write_text(json.dumps(
     assert ranks[0]["rounds"] == ranks[1]["rounds"] and len(ranks[0]["rounds"]) >= 9
     assert ranks[0]["state"] == ranks[1]["state"] and len(ranks[0]["state"]["difficulty"]) == 12
     assert sum(ranks[0]["state"]["rollouts"].values()) == 9 * 16  # both processes' completions, counted once
+
+
+def test_lora_trains_only_the_adapter_under_the_allocation(reasoner_dir, tmp_path):
+    from peft import LoraConfig
+
+    from trl_hsstar import HSStarGRPOTrainer
+
+    trainer = HSStarGRPOTrainer(
+        model=str(reasoner_dir),
+        reward_funcs=ScriptedReward(),
+        args=_config(tmp_path, num_train_epochs=2, learning_rate=1e-2),
+        train_dataset=_dataset(),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = {n for n, p in trainer.model.named_parameters() if not p.detach().equal(before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    assert sum(trainer.rollouts.values()) == 2 * 3 * 16 and trainer.rollouts["unprobed"] == 48
