@@ -145,6 +145,10 @@ def test_on_equal_groups_the_advantages_are_trls(reasoner_dir, tmp_path):
     assert torch.equal(outputs[0]["advantages"], outputs[1]["advantages"])
     assert outputs[0]["advantages"].abs().sum() > 0  # the boundary groups carry signal
     assert len(ours.difficulty) == 4  # and ours observed them
+    spent = dict(ours.rollouts)
+    ours.model.eval()  # an evaluation's rollouts do not move the training state
+    ours._generate_and_score_completions([row for row in _dataset(8).select(range(4, 8)) for _ in range(4)])
+    assert len(ours.difficulty) == 4 and dict(ours.rollouts) == spent
 
 
 class _Kill(Exception):

@@ -261,6 +261,8 @@ class HSStarGRPOTrainer(GRPOSeams, GRPOTrainer):
 
     def observe_rewards(self, inputs, prompts, completions, rewards_per_func) -> None:
         """Read the gathered rewards of a round: accuracy, the PRM's score, GRPO's total per completion."""
+        if not self.model.training:  # an evaluation's rollouts are not the training rounds'
+            return
         keys = gather_object([prompt_key(x["prompt"]) for x in inputs])
         scores = None
         if self.process_reward_model is not None:
