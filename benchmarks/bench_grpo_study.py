@@ -28,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_study
 from bench_methods import (
     add_report_only,
-    check_work_dir,
     git_commit,
     in_workers,
     machine,
@@ -402,26 +401,9 @@ def main(argv=None) -> int:
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from trl_hsstar.toy.world import evaluate_levels, toy_reasoner_path
 
     size = sizes(args)
-    reasoner = toy_reasoner_path(preset="tiny" if args.quick else "m0", progress=True)
-    build = (
-        json.loads((Path(reasoner) / "build.json").read_text())
-        if (Path(reasoner) / "build.json").exists()
-        else {}
-    )
-    work = Path(args.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    check_work_dir(work, {"reasoner_sha256": build.get("sha256"), **size, "quick": args.quick})
-    initial = evaluate_levels(
-        AutoModelForCausalLM.from_pretrained(reasoner),
-        AutoTokenizer.from_pretrained(reasoner),
-        bench_study.held_out(size["eval_per_level"]),
-    )
-    initial["endpoint"] = statistics.mean(initial[lv] for lv in ENDPOINT_LEVELS)
+    reasoner, build, initial = bench_study.start_from_m0(args, size)
     runs = [{"seed": s, "arm": arm} for s in range(args.seeds) for arm in args.arms]
     pending = [r for r in runs if not (Path(args.records) / f"{key(r)}.json").exists()]
     jobs = max(1, min(args.jobs, len(pending)))
@@ -439,7 +421,7 @@ def main(argv=None) -> int:
     )
     if jobs == 1:
         torch.set_num_threads(threads)
-    common = dict(args=args, reasoner=str(reasoner), initial=initial, context=context)
+    common = dict(args=args, reasoner=reasoner, initial=initial, context=context)
     for done, (k, record) in enumerate(
         in_workers(execute, pending, at_a_time=jobs, threads=threads, **common), 1
     ):

@@ -294,6 +294,32 @@ def execute(
     return key(run), record
 
 
+def start_from_m0(args, size: dict) -> tuple[str, dict, dict]:
+    """The reasoner the runs start from (M_0, or the tiny one under ``--quick``), its build file, and its held-out
+    accuracy on the endpoint's problems; the work dir is checked to hold runs of this setting only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trl_hsstar.toy.world import evaluate_levels, toy_reasoner_path
+
+    reasoner = str(
+        toy_reasoner_path(
+            getattr(args, "cache_dir", None), preset="tiny" if args.quick else "m0", progress=True
+        )
+    )
+    build_file = Path(reasoner) / "build.json"
+    build = json.loads(build_file.read_text()) if build_file.exists() else {}
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    check_work_dir(work, {"reasoner_sha256": build.get("sha256"), **size, "quick": args.quick})
+    initial = evaluate_levels(
+        AutoModelForCausalLM.from_pretrained(reasoner),
+        AutoTokenizer.from_pretrained(reasoner),
+        held_out(size["eval_per_level"]),
+    )
+    initial["endpoint"] = statistics.mean(initial[lv] for lv in ENDPOINT_LEVELS)
+    return reasoner, build, initial
+
+
 def read_records(directory: Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted(Path(directory).glob("*.json"))}
 
@@ -627,27 +653,12 @@ def main(argv=None) -> int:
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trl_hsstar.toy.world import evaluate_levels, toy_prm_path, toy_reasoner_path
+    from trl_hsstar.toy.world import toy_prm_path
 
     size = sizes(args)
-    reasoner = toy_reasoner_path(args.cache_dir, preset="tiny" if args.quick else "m0", progress=True)
+    reasoner, build, initial = start_from_m0(args, size)
     prm = None if args.quick else str(toy_prm_path(reasoner, args.cache_dir, progress=True))
-    build = (
-        json.loads((Path(reasoner) / "build.json").read_text())
-        if (Path(reasoner) / "build.json").exists()
-        else {}
-    )
-    work = Path(args.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    check_work_dir(work, {"reasoner_sha256": build.get("sha256"), **size, "quick": args.quick})
-    initial = evaluate_levels(
-        AutoModelForCausalLM.from_pretrained(reasoner),
-        AutoTokenizer.from_pretrained(reasoner),
-        held_out(size["eval_per_level"]),
-    )
-    initial["endpoint"] = statistics.mean(initial[lv] for lv in ENDPOINT_LEVELS)
     runs = plan(args)
     pending = [r for r in runs if not (records_dir / f"{key(r)}.json").exists()]
     jobs = max(1, min(args.jobs, len(pending)))
