@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_methods import git_commit, machine, portable_command, write_report
+from bench_methods import git_commit, machine, portable_command, publish, republish
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKS = ("<!-- bench_demo:start -->", "<!-- bench_demo:end -->")
@@ -133,21 +133,12 @@ def render(record: dict) -> tuple[str, str]:
     return "\n".join(lines), readme
 
 
-def publish(record: dict, args) -> None:
-    section, readme = render(record)
-    write_report(Path(args.output), section, marks=MARKS)
-    write_report(Path(args.readme), readme, marks=README_MARKS)
-    print(section)
-
-
 def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
+    targets = {"results": args.results, "output": args.output, "marks": MARKS}
+    targets.update(readme=args.readme, readme_marks=README_MARKS)
     if args.report_only:
-        if not Path(args.results).exists():
-            raise SystemExit(
-                f"{args.results}: no record to render (run the benchmark without --report-only first)"
-            )
-        publish(json.loads(Path(args.results).read_text()), args)
+        republish(render, **targets)
         return 0
     import torch
 
@@ -162,8 +153,7 @@ def main(argv=None) -> int:
         "load_average": ", ".join(f"{x:.2f}" for x in load),
         **measure(args.rounds),
     }
-    Path(args.results).write_text(json.dumps(record, indent=1) + "\n")
-    publish(record, args)
+    publish(render, record, **targets)
     return 0
 
 

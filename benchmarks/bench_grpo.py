@@ -146,7 +146,7 @@ def render(record: dict) -> str:
             f"{statistics.mean(r['wall_seconds'] for r in rs):.0f} |"
         )
     lines.append("")
-    from bench_study import holm, paired
+    from stats import holm, paired
 
     family = {}  # (rate, name) -> paired differences: the 12 comparisons, one family for the correction
     for lr in rates:

@@ -38,6 +38,9 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stats import interval95
+
 from trl_hsstar.toy.world import DPO_LEARNING_RATE, LEVELS, SFT_LEARNING_RATE  # light: no torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,19 +215,6 @@ def _span_minutes(recs) -> float | None:
 def _mean_or_none(values):
     values = [v for v in values if v is not None]
     return statistics.mean(values) if values else None
-
-
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-"""Student's t, 97.5th percentile, by degrees of freedom: the 95% interval of a mean over a few seeds."""
-
-
-def interval95(diffs: list[float]) -> tuple[float, float, float] | None:
-    """Mean of paired differences and its two-sided 95% t-interval (None under two pairs)."""
-    if len(diffs) < 2:
-        return None
-    mean = statistics.mean(diffs)
-    half = T_975.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / len(diffs) ** 0.5
-    return mean, mean - half, mean + half
 
 
 def _final(record):
@@ -497,12 +487,14 @@ def script_meta(script: str, argv, started: float, **extra) -> dict:
     }
 
 
-def publish(render, data: dict, *, results: str, output: str | None, marks: tuple[str, str]) -> None:
+def publish(
+    render, data: dict, *, results: str, output: str | None, marks: tuple[str, str], **readme
+) -> None:
     """Write the record ``data`` to ``results``, then render the section from the record as written (so that it is
     the section ``--report-only`` gives), print it and put it into ``output`` between ``marks``."""
     Path(results).parent.mkdir(parents=True, exist_ok=True)
     Path(results).write_text(json.dumps(data, indent=1) + "\n")
-    republish(render, results=results, output=output, marks=marks)
+    republish(render, results=results, output=output, marks=marks, **readme)
 
 
 def add_report_only(parser: argparse.ArgumentParser) -> None:
@@ -512,16 +504,28 @@ def add_report_only(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def republish(render, *, results: str, output: str | None, marks: tuple[str, str]) -> None:
+def republish(
+    render,
+    *,
+    results: str,
+    output: str | None,
+    marks: tuple[str, str],
+    readme: str | None = None,
+    readme_marks: tuple[str, str] | None = None,
+) -> None:
     """``--report-only``: render the section from the record in ``results``, print it and put it into ``output``
-    between ``marks``; nothing is measured."""
+    between ``marks``; nothing is measured. A ``render`` that returns ``(section, line)`` also puts its README line
+    into ``readme`` between ``readme_marks``."""
     path = Path(results)
     if not path.exists():
         raise SystemExit(f"{path}: no record to render (run the benchmark without --report-only first)")
-    text = render(json.loads(path.read_text()))
-    print(text)
+    rendered = render(json.loads(path.read_text()))
+    section, line = rendered if isinstance(rendered, tuple) else (rendered, None)
+    print(section)
     if output:
-        write_report(Path(output), text, marks=marks)
+        write_report(Path(output), section, marks=marks)
+    if line is not None and readme:
+        write_report(Path(readme), line, marks=readme_marks)
 
 
 def write_report(path: Path, section: str, name: str = "", *, marks: tuple[str, str] | None = None) -> None:

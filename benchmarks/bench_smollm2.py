@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench_methods import add_report_only, commit_line, interval95, publish, republish, script_meta
+from bench_methods import add_report_only, commit_line, publish, republish, script_meta
+from stats import interval95
 
 from trl_hsstar.toy import generate_problems  # the problems are pure Python
 

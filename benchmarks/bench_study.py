@@ -35,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_methods import check_work_dir, git_commit, in_workers, machine, portable_command, write_report
+from stats import holm, paired, t_quantile, t_sf  # noqa: F401  (t_sf: re-exported for the tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKS = ("<!-- bench_study:start -->", "<!-- bench_study:end -->")
@@ -87,77 +88,7 @@ PRIOR = ROOT / "benchmarks" / "results" / "bench_methods.json"
 """The earlier study's records, whose hsstar - uniform differences give the sd of the power calculation."""
 
 
-# -- statistics (standard library: Student's t from the regularized incomplete beta function)
-
-
-def _betacf(a: float, b: float, x: float) -> float:
-    """The continued fraction of the incomplete beta function (Lentz's method)."""
-    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1)
-    d = 1 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 300):
-        for num in (
-            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
-        ):
-            d = 1 + num * d
-            d = 1 / (d if abs(d) > tiny else tiny)
-            c = 1 + num / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1) < 1e-14:
-            break
-    return h
-
-
-def t_sf(t: float, df: int) -> float:
-    """P(T > t) for Student's t with ``df`` degrees of freedom."""
-    if t == 0:
-        return 0.5
-    x, y = df / (df + t * t), t * t / (df + t * t)  # y = 1 - x, kept exact for a tiny t
-    a, b = df / 2, 0.5
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log(y))
-    ibeta = front * _betacf(a, b, x) / a if x < (a + 1) / (a + b + 2) else 1 - front * _betacf(b, a, y) / b
-    return ibeta / 2 if t > 0 else 1 - ibeta / 2
-
-
-def t_quantile(p: float, df: int) -> float:
-    """The ``p`` quantile of Student's t (bisection on :func:`t_sf`)."""
-    lo, hi = -50.0, 50.0
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if 1 - t_sf(mid, df) < p else (lo, mid)
-    return (lo + hi) / 2
-
-
-def paired(diffs: list[float]) -> dict | None:
-    """Mean, sd, 95% t-interval and two-sided p of paired differences (None under two pairs)."""
-    n = len(diffs)
-    if n < 2:
-        return None
-    mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
-    half = t_quantile(0.975, n - 1) * sd / math.sqrt(n)
-    # every pair the same difference: certain, whatever n
-    p = float(mean == 0) if sd == 0 else 2 * t_sf(abs(mean) / (sd / math.sqrt(n)), n - 1)
-    return {
-        "n": n,
-        "mean": mean,
-        "sd": sd,
-        "low": mean - half,
-        "high": mean + half,
-        "half_width": half,
-        "p": p,
-    }
-
-
-def holm(pvalues: dict[str, float]) -> dict[str, float]:
-    """Holm's step-down adjustment of a family of p-values."""
-    order = sorted(pvalues, key=pvalues.get)
-    out, running = {}, 0.0
-    for i, name in enumerate(order):
-        running = max(running, min(1.0, (len(order) - i) * pvalues[name]))
-        out[name] = running
-    return out
+# -- power (Student's t and Holm live in stats.py, shared with the other studies)
 
 
 def _normal_cdf(z: float) -> float:
@@ -361,6 +292,32 @@ def execute(
     tmp.write_text(json.dumps(record, indent=1) + "\n")
     os.replace(tmp, path)
     return key(run), record
+
+
+def start_from_m0(args, size: dict) -> tuple[str, dict, dict]:
+    """The reasoner the runs start from (M_0, or the tiny one under ``--quick``), its build file, and its held-out
+    accuracy on the endpoint's problems; the work dir is checked to hold runs of this setting only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trl_hsstar.toy.world import evaluate_levels, toy_reasoner_path
+
+    reasoner = str(
+        toy_reasoner_path(
+            getattr(args, "cache_dir", None), preset="tiny" if args.quick else "m0", progress=True
+        )
+    )
+    build_file = Path(reasoner) / "build.json"
+    build = json.loads(build_file.read_text()) if build_file.exists() else {}
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    check_work_dir(work, {"reasoner_sha256": build.get("sha256"), **size, "quick": args.quick})
+    initial = evaluate_levels(
+        AutoModelForCausalLM.from_pretrained(reasoner),
+        AutoTokenizer.from_pretrained(reasoner),
+        held_out(size["eval_per_level"]),
+    )
+    initial["endpoint"] = statistics.mean(initial[lv] for lv in ENDPOINT_LEVELS)
+    return reasoner, build, initial
 
 
 def read_records(directory: Path) -> dict[str, dict]:
@@ -696,27 +653,12 @@ def main(argv=None) -> int:
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trl_hsstar.toy.world import evaluate_levels, toy_prm_path, toy_reasoner_path
+    from trl_hsstar.toy.world import toy_prm_path
 
     size = sizes(args)
-    reasoner = toy_reasoner_path(args.cache_dir, preset="tiny" if args.quick else "m0", progress=True)
+    reasoner, build, initial = start_from_m0(args, size)
     prm = None if args.quick else str(toy_prm_path(reasoner, args.cache_dir, progress=True))
-    build = (
-        json.loads((Path(reasoner) / "build.json").read_text())
-        if (Path(reasoner) / "build.json").exists()
-        else {}
-    )
-    work = Path(args.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    check_work_dir(work, {"reasoner_sha256": build.get("sha256"), **size, "quick": args.quick})
-    initial = evaluate_levels(
-        AutoModelForCausalLM.from_pretrained(reasoner),
-        AutoTokenizer.from_pretrained(reasoner),
-        held_out(size["eval_per_level"]),
-    )
-    initial["endpoint"] = statistics.mean(initial[lv] for lv in ENDPOINT_LEVELS)
     runs = plan(args)
     pending = [r for r in runs if not (records_dir / f"{key(r)}.json").exists()]
     jobs = max(1, min(args.jobs, len(pending)))

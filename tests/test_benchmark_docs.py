@@ -179,3 +179,32 @@ def test_the_study_and_the_demo_are_their_records():
         "`python benchmarks/bench_demo.py --report-only`"
     )
     assert demo["command"] in section and demo["commit"] in section and demo["commit"] in line
+
+
+def test_republish_writes_a_section_and_its_readme_line(tmp_path):
+    import bench_methods
+
+    record = tmp_path / "r.json"
+    record.write_text(json.dumps({"x": 7}))
+    docs, readme = tmp_path / "docs.md", tmp_path / "README.md"
+    docs.write_text("# Page\n<!-- a:start -->\nold\n<!-- a:end -->\ntail\n")
+    readme.write_text("top\n<!-- a:readme:start -->\nold\n<!-- a:readme:end -->\n")
+
+    def render(r):
+        return (
+            f"<!-- a:start -->\nx={r['x']}\n<!-- a:end -->",
+            f"<!-- a:readme:start -->\nx is {r['x']}\n<!-- a:readme:end -->",
+        )
+
+    bench_methods.republish(
+        render,
+        results=str(record),
+        output=str(docs),
+        marks=("<!-- a:start -->", "<!-- a:end -->"),
+        readme=str(readme),
+        readme_marks=("<!-- a:readme:start -->", "<!-- a:readme:end -->"),
+    )
+    assert docs.read_text() == "# Page\n<!-- a:start -->\nx=7\n<!-- a:end -->\ntail\n"
+    assert readme.read_text() == "top\n<!-- a:readme:start -->\nx is 7\n<!-- a:readme:end -->\n"
+    with pytest.raises(SystemExit, match="no record to render"):
+        bench_methods.republish(render, results=str(tmp_path / "none.json"), output=None, marks=("a", "b"))

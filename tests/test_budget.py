@@ -250,3 +250,49 @@ def test_adaptive_skips_filled_problems_then_widens():
     assert everyone.fell_back and everyone.resamples == [5, 5, 5, 5]
     with pytest.raises(ValueError, match="`filled` has 2 entries for 4 problems"):
         allocate(ds, filled=[True, False], **kw)
+
+
+# -- online: draw_prompts, the prompts of one GRPO generation round
+
+
+def test_draw_prompts_presamples_first_then_favours_the_boundary():
+    import random
+
+    from trl_hsstar.budget import draw_prompts
+
+    E, B, H = Level.EASY, Level.BOUNDARY, Level.HARD
+    # prompts never rolled out come first, whatever the weights
+    assert sorted(draw_prompts([B, None, E, None, H], 2, random.Random(0))) == [1, 3]
+    # then a boundary prompt (weight 1) against easy and hard ones (weight reprobe_rate)
+    levels = [E] * 10 + [B] * 10 + [H] * 10
+    counts = Counter()
+    for r in range(500):
+        chunk = draw_prompts(levels, 8, random.Random(r), reprobe_rate=0.1)
+        assert len(chunk) == len(set(chunk)) == 8  # distinct: one group each, the round's budget exact
+        counts.update(levels[i] for i in chunk)
+    assert counts[B] > 3 * (counts[E] + counts[H]) / 2
+    assert counts[E] > 0 and counts[H] > 0  # re-probed, so a prompt can change level
+    # reprobe_rate 0: easy and hard only to fill a round the boundary cannot
+    assert all(levels[i] == B for i in draw_prompts(levels, 8, random.Random(1), reprobe_rate=0.0))
+    assert sum(levels[i] == B for i in draw_prompts(levels, 12, random.Random(1), reprobe_rate=0.0)) == 10
+    # without presample an unseen prompt weighs as a boundary one, no more
+    unseen = [None] * 10 + [B] * 10
+    picked = Counter()
+    for r in range(500):
+        picked.update(unseen[i] is None for i in draw_prompts(unseen, 5, random.Random(r), presample=False))
+    assert 0.4 < picked[True] / (picked[True] + picked[False]) < 0.6
+    # the same generator state, the same round (every process draws the same)
+    assert draw_prompts(levels, 8, random.Random(7)) == draw_prompts(levels, 8, random.Random(7))
+
+
+def test_draw_prompts_bad_values():
+    import random
+
+    from trl_hsstar.budget import draw_prompts
+
+    with pytest.raises(ValueError, match="needs 4 distinct prompts but the dataset has 3"):
+        draw_prompts([None] * 3, 4, random.Random(0))
+    with pytest.raises(ValueError, match="reprobe_rate"):
+        draw_prompts([None] * 3, 2, random.Random(0), reprobe_rate=-0.1)
+    with pytest.raises(ValueError, match="`k`"):
+        draw_prompts([None] * 3, 0, random.Random(0))

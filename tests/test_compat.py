@@ -37,6 +37,7 @@ def upstream_private_names(reasoner_dir, tmp_path_factory):
         transformers.PreTrainedModel,
         trl.SFTTrainer,
         trl.DPOTrainer,
+        trl.GRPOTrainer,
         accelerate.Accelerator,
         peft.PeftModel,
         Dataset,
@@ -104,6 +105,25 @@ def test_trainers_resume_through_a_private_loader_whose_signature_is_pinned():
     params = list(inspect.signature(transformers.Trainer._load_from_checkpoint).parameters)
     assert params[:2] == ["self", "resume_from_checkpoint"], params
     assert "_load_from_checkpoint" in inspect.getsource(_compat.load_checkpoint)
+
+
+def test_grpo_seams_override_methods_whose_signatures_are_pinned():
+    """HSStarGRPOTrainer replaces GRPO's sampler and reads its gathered rewards through these two methods."""
+    assert list(inspect.signature(trl.GRPOTrainer._get_train_sampler).parameters) == ["self", "dataset"]
+    assert list(inspect.signature(trl.GRPOTrainer._calculate_rewards).parameters) == [
+        "self",
+        "inputs",
+        "prompts",
+        "completions",
+        "completion_ids_list",
+    ]
+    from trl_hsstar.grpo import HSStarGRPOTrainer
+
+    assert HSStarGRPOTrainer.__mro__.index(_compat.GRPOSeams) < HSStarGRPOTrainer.__mro__.index(
+        trl.GRPOTrainer
+    )
+    # the rewards GRPO normalizes per group are gathered across processes before _calculate_rewards returns
+    assert "gather(rewards_per_func)" in inspect.getsource(trl.GRPOTrainer._calculate_rewards)
 
 
 def test_bnb_cpu_repacking_switch_still_exists():

@@ -17,7 +17,11 @@ DOCS = README.parent / "docs"
 BLOCK = re.compile(
     r"(?:<!-- docs-test: skip(?: \((?P<reason>[^)]*)\))? -->\n)?```python\n(?P<code>.*?)```", re.DOTALL
 )
-SLOW_PAGES = {"trainer.md", "verification.md"}  # two trained iterations; a 5 s verifier bound
+SLOW_PAGES = {
+    "trainer.md",
+    "verification.md",
+    "grpo.md",
+}  # trained iterations or epochs; a 5 s verifier bound
 
 
 def _blocks(page: Path) -> list[tuple[int, str, str | None]]:

@@ -22,7 +22,12 @@ ACCELERATE_CONFIGS = sorted((ROOT / "accelerate_configs").glob("*.yaml"))
 
 def test_the_expected_recipes_exist():
     names = {p.relative_to(ROOT / "recipes" / "configs").as_posix() for p in CONFIGS}
-    assert {"toy_cpu.yaml", "qwen2.5_math/1.5b_qlora_single.yaml", "qwen2.5/7b_full_multi.yaml"} <= names
+    assert {
+        "toy_cpu.yaml",
+        "grpo_toy_cpu.yaml",
+        "qwen2.5_math/1.5b_qlora_single.yaml",
+        "qwen2.5/7b_full_multi.yaml",
+    } <= names
     assert {p.stem for p in ACCELERATE_CONFIGS} == {
         "single_gpu",
         "multi_gpu",
@@ -36,16 +41,27 @@ def test_the_expected_recipes_exist():
 def test_recipe_yaml_parses_and_validates(path, tmp_path):
     raw = yaml.safe_load(path.read_text())
     script_args, training_args, model_args = parse(["--config", str(path), "--output_dir", str(tmp_path)])
-    assert isinstance(script_args, HSStarScriptArguments)
-    expected_cls = HSStarDPOConfig if raw.get("objective") == "dpo" else HSStarConfig
-    assert type(training_args) is expected_cls
+    if raw.get("objective") == "grpo":
+        from trl_hsstar import HSStarGRPOConfig
+
+        assert type(script_args).__name__ == "HSStarGRPOScriptArguments"
+        assert type(training_args) is HSStarGRPOConfig
+        assert not hasattr(script_args, "reward_weights")  # GRPOConfig's own field, one meaning
+    else:
+        assert isinstance(script_args, HSStarScriptArguments)
+        expected_cls = HSStarDPOConfig if raw.get("objective") == "dpo" else HSStarConfig
+        assert type(training_args) is expected_cls
     # every key of the YAML reached one of the three dataclasses (TrlParser would also reject unknown keys)
     for key in raw:
         if key == "output_dir":
             continue
         holders = [obj for obj in (script_args, training_args, model_args) if hasattr(obj, key)]
         assert holders, f"{path.name}: `{key}` is not a field"
-    assert training_args.sampling_budget * training_args.problems_per_iteration > 0
+    assert (
+        training_args.generation_batch_size
+        if raw.get("objective") == "grpo"
+        else training_args.sampling_budget * training_args.problems_per_iteration
+    ) > 0
     assert "accelerate launch" in path.read_text().split("\n\n")[0], (
         f"{path.name}: no launch command in its header"
     )
@@ -132,6 +148,20 @@ def test_hsstar_train_runs_the_toy_recipe(reasoner_dir, tmp_path, capsys, caplog
     out = capsys.readouterr().out
     assert "nothing to do, this run finished earlier (1 iterations)" in out
     assert "missing keys" not in caplog.text
+
+
+def test_hsstar_train_runs_the_grpo_recipe(reasoner_dir, tmp_path, capsys):
+    """`objective: grpo`: HSStarGRPOTrainer from the shipped recipe, GRPOConfig's names on the command line."""
+    argv = ["train", "--config", "grpo_toy_cpu", "--model_name_or_path", str(reasoner_dir)]
+    argv += ["--toy_num_problems", "8", "--num_generations", "4", "--per_device_train_batch_size", "16"]
+    argv += ["--max_completion_length", "16", "--num_train_epochs", "2", "--output_dir", str(tmp_path)]
+    assert cli_main([*argv, "--disable_tqdm", "true"]) == 0
+    out = capsys.readouterr().out
+    # 8 prompts, 4 a round, 2 epochs: 4 steps of 16 completions, the first epoch pre-sampling every prompt once
+    assert "HS-STaR GRPO finished: 4 steps" in out and "'unprobed': 32" in out
+    assert (tmp_path / "model.safetensors").exists()
+    with pytest.raises(ValueError, match="allocation"):
+        parse(["--config", "grpo_toy_cpu", "--allocation", "everything", "--output_dir", str(tmp_path)])
 
 
 def test_one_progress_bar_per_phase(reasoner_dir, tmp_path, capsys):

@@ -222,3 +222,77 @@ def test_the_quick_study_writes_records_and_a_report_regenerated_from_them(
     ]
     assert main([*again, "--readme", str(tmp_path / "README.md")]) == 0
     assert report.read_text() == before and (tmp_path / "README.md").read_text() == readme
+
+
+# -- the GRPO study (docs/protocol.md, "The GRPO study"; benchmarks/bench_grpo_study.py)
+
+
+@pytest.fixture(scope="module")
+def grpo_study():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_grpo_study
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return bench_grpo_study
+
+
+def _grpo_run(module, seed, arm, level_acc, signal_groups):
+    levels = {lv: level_acc for lv in module.ENDPOINT_LEVELS}
+    return {
+        "seed": seed,
+        "arm": arm,
+        "quick": False,
+        "setting": module.SETTING,
+        "initial": {**levels, "endpoint": 0.6},
+        "held_out_by_epoch": [levels, levels, levels],
+        "completions": 3072,
+        "groups": 384,
+        "groups_with_signal": signal_groups,
+        "rollouts_by_level_when_drawn": {"unprobed": 1024, "boundary": 2048},
+        "endpoint": level_acc,
+        "wall_seconds": 100.0,
+        "torch_threads": 1,
+        "jobs": 2,
+        "machine": "m",
+        "commit": "abc",
+        "command": "python benchmarks/bench_grpo_study.py",
+        "reasoner_sha256": module.bench_study.M0_SHA256 + "ff",
+    }
+
+
+def test_the_grpo_study_reads_its_runs_as_the_protocol_says(grpo_study):
+    m = grpo_study
+    assert m.SETTING["problems"] * m.SETTING["num_generations"] * m.SETTING["num_train_epochs"] == 3072
+    assert m.SEEDS == 20 and set(m.ARMS) == {"uniform", "hsstar", "uniform-again"}
+    runs = {}
+    for seed in range(3):
+        for arm, acc, sig in (
+            ("uniform", 0.60, 200),
+            ("hsstar", 0.61 + 0.001 * seed, 360),
+            ("uniform-again", 0.60, 210),
+        ):
+            runs[m.key({"seed": seed, "arm": arm})] = _grpo_run(m, seed, arm, acc, sig)
+    runs["grpo-hsstar-s99"] = _grpo_run(m, 99, "hsstar", 0.9, 384)  # not a protocol seed
+    kept = m.protocol_runs(runs)
+    assert "grpo-hsstar-s99" not in kept and len(kept) == 9
+    a = m.analyse(kept)
+    assert a["primary"]["n"] == 3 and a["primary"]["mean"] == pytest.approx(0.011)
+    assert a["noise_floor"]["mean"] == pytest.approx(0.0)
+    assert len(a["exploratory"]) == 8
+    record = {
+        "meta": {
+            "commit": "abc",
+            "command": "python benchmarks/bench_grpo_study.py --report-only",
+            "machine": "m",
+        },
+        "setting": m.SETTING,
+        "planned_seeds": 20,
+        "runs": kept,
+    }
+    text = m.render(record)
+    assert "interim: 3 of 20 seeds; no claim is drawn" in text
+    assert "| **primary: hsstar - uniform, equal completions** | 3 | +1.10 |" in text
+    assert "groups with signal under hsstar >= 90%: **met** (94%)" in text
+    assert "**not met** (+1.10" in text  # +2 points: not met, and interim
+    assert text.startswith(m.MARKS[0]) and text.endswith(m.MARKS[1])

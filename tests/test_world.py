@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -341,6 +342,10 @@ def test_bench_interval_of_paired_differences():
     # t(0.975, 4) = 2.776, sd = 0.0158: half-width 2.776 * 0.0158 / sqrt(5)
     assert high - mean == pytest.approx(mean - low) == pytest.approx(2.776 * 0.015811 / 5**0.5, rel=1e-3)
     assert bench.interval95([0.1]) is None
+    # beyond any table: t(0.975, 11) = 2.201, not the normal 1.96
+    twelve = [0.01 * (i % 4) for i in range(12)]
+    mean, low, high = bench.interval95(twelve)
+    assert high - mean == pytest.approx(2.201 * statistics.stdev(twelve) / 12**0.5, rel=1e-3)
     assert bench.plan(bench.make_parser().parse_args([]))[0]["seed"] == 0
     assert len(bench.plan(bench.make_parser().parse_args([]))) == 2 * 2 * 5  # the default study: 20 runs
 

@@ -29,11 +29,14 @@ _LAZY = {
     "HSStarDPOConfig": "config",
     "HSStarTrainer": "trainer",
     "HSStarDPOTrainer": "trainer",
+    "HSStarGRPOConfig": "grpo",
+    "HSStarGRPOTrainer": "grpo",
     "HSStarCallback": "callbacks",
     # answer checking
     "MathVerifier": "verify",
     "extract_answer": "verify",
     "verify_answer": "verify",
+    "answer_reward": "verify",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -43,9 +46,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from .callbacks import HSStarCallback
     from .config import HSStarConfig, HSStarDPOConfig
     from .difficulty import PUBLISHED_THRESHOLDS, Difficulty, Level, estimate_difficulty, lookup_thresholds
+    from .grpo import HSStarGRPOConfig, HSStarGRPOTrainer
     from .selection import ScoredSample, select_dpo_pairs, select_sft_rows
     from .trainer import HSStarDPOTrainer, HSStarTrainer
-    from .verify import MathVerifier, extract_answer, verify_answer
+    from .verify import MathVerifier, answer_reward, extract_answer, verify_answer
 
 
 def __getattr__(name: str):

@@ -7,7 +7,12 @@ import re
 
 import torch
 
-__all__ = ["keep_bnb_4bit_weights_trainable_on_cpu", "load_checkpoint", "save_model_without_push"]
+__all__ = [
+    "GRPOSeams",
+    "keep_bnb_4bit_weights_trainable_on_cpu",
+    "load_checkpoint",
+    "save_model_without_push",
+]
 
 
 def keep_bnb_4bit_weights_trainable_on_cpu(model: torch.nn.Module) -> int:
@@ -77,3 +82,26 @@ def save_model_without_push(trainer, output_dir: str) -> None:
     run saves each iteration's model this way and pushes once per iteration end itself (:mod:`trl_hsstar.hub`).
     """
     trainer.save_model(output_dir, _internal_call=True)
+
+
+class GRPOSeams:
+    """The two protected ``GRPOTrainer`` methods ``HSStarGRPOTrainer`` overrides, put before ``GRPOTrainer`` in its
+    bases and forwarded to public hooks of the trainer:
+
+    - ``_get_train_sampler``: GRPO's ``RepeatSampler`` decides which prompts each generation round rolls out; the
+      trainer's ``rollout_sampler()`` replaces it (``None`` keeps TRL's);
+    - ``_calculate_rewards``: returns the rewards of all processes' completions (gathered); the trainer's
+      ``observe_rewards(inputs, prompts, completions, rewards_per_func)`` sees them, unchanged.
+
+    TRL has no public hook for either (huggingface/trl#3708). ``tests/test_compat.py`` fails when their signatures
+    change.
+    """
+
+    def _get_train_sampler(self, dataset=None):
+        sampler = self.rollout_sampler()
+        return super()._get_train_sampler(dataset) if sampler is None else sampler
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self.observe_rewards(inputs, prompts, completions, rewards_per_func)
+        return rewards_per_func

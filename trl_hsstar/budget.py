@@ -51,9 +51,11 @@ from dataclasses import dataclass, field
 from .checks import check_int
 from .difficulty import Difficulty, Level
 
-__all__ = ["STRATEGIES", "Allocation", "allocate", "presamples_for"]
+__all__ = ["ROLLOUT_ALLOCATIONS", "STRATEGIES", "Allocation", "allocate", "draw_prompts", "presamples_for"]
 
 STRATEGIES = ("hsstar", "uniform", "prop2diff", "band", "hsstar_adaptive", "knapsack")
+ROLLOUT_ALLOCATIONS = ("uniform", "hsstar")
+"""How the online trainer (``HSStarGRPOTrainer``) picks each generation round's prompts: :func:`draw_prompts`."""
 
 
 @dataclass(frozen=True)
@@ -250,3 +252,47 @@ def allocate(
         indices = list(range(n))
     counts = _spread_evenly(remaining, indices, n, rng)
     return Allocation(num_presamples, counts, eligible, fell_back=fell_back)
+
+
+# -- online: the prompts of one GRPO generation round
+
+
+def draw_prompts(
+    levels: Sequence[Level | None],
+    k: int,
+    rng: random.Random,
+    *,
+    reprobe_rate: float = 0.1,
+    presample: bool = True,
+) -> list[int]:
+    """The ``k`` distinct prompts of one generation round of online HS-STaR, each to get one group of rollouts.
+
+    Every round generates the same number of rollouts (``k`` groups), so the budget is exact; what moves is who
+    gets them. ``levels[i]`` is prompt i's level from its latest group, ``None`` if it was never rolled out. A
+    boundary prompt is drawn with weight 1 and an easy or hard one with weight ``reprobe_rate`` (the chance to
+    notice that it changed level). Under ``presample`` every prompt never rolled out comes first: the first pass
+    over the data is the pre-sampling; otherwise such a prompt weighs as boundary. Weighted sampling without
+    replacement (Efraimidis-Spirakis keys ``u ** (1 / w)``); a prompt of weight 0 is drawn only to fill a round.
+
+    Example:
+        >>> E, B = Level.EASY, Level.BOUNDARY
+        >>> sorted(draw_prompts([E, B, None, B, E], 3, random.Random(0), reprobe_rate=0.0))
+        [1, 2, 3]
+    """
+    check_int(k, "k")
+    if k > len(levels):
+        raise ValueError(
+            f"a round needs {k} distinct prompts but the dataset has {len(levels)}: add prompts."
+        )
+    if not 0.0 <= reprobe_rate <= 1.0:
+        raise ValueError(f"`reprobe_rate` must lie in [0, 1], got {reprobe_rate!r}.")
+
+    def key(level: Level | None) -> float:
+        u = rng.random()
+        if level is None and presample:
+            return 2.0 + u  # above every weighted key (they lie in [0, 1))
+        weight = 1.0 if level in (None, Level.BOUNDARY) else reprobe_rate
+        return u ** (1.0 / weight) if weight > 0 else u - 1.0  # weight 0: below every weighted key
+
+    keys = [key(level) for level in levels]
+    return sorted(heapq.nlargest(k, range(len(levels)), key=keys.__getitem__))

@@ -20,7 +20,7 @@ from .config import HSStarConfig, HSStarDPOConfig
 
 __all__ = ["HSStarScriptArguments", "main", "make_parser", "run"]
 
-OBJECTIVES = ("sft", "dpo")
+OBJECTIVES = ("sft", "dpo", "grpo")
 
 
 @dataclass
@@ -79,7 +79,24 @@ class HSStarScriptArguments(ScriptArguments):
             raise ValueError(f"`objective` must be one of {OBJECTIVES}, got {self.objective!r}.")
 
 
+def _grpo_script_arguments() -> type:
+    """The script arguments without ``reward_weights``, which GRPOConfig carries itself (same meaning)."""
+    import dataclasses
+
+    own = {f.name for f in dataclasses.fields(ScriptArguments)} | {"reward_weights"}
+    return dataclasses.make_dataclass(
+        "HSStarGRPOScriptArguments",
+        [(f.name, f.type, f) for f in dataclasses.fields(HSStarScriptArguments) if f.name not in own],
+        bases=(ScriptArguments,),
+        namespace={"__post_init__": HSStarScriptArguments.__post_init__},
+    )
+
+
 def make_parser(objective: str = "sft", prog: str | None = None) -> TrlParser:
+    if objective == "grpo":
+        from .grpo import HSStarGRPOConfig
+
+        return TrlParser((_grpo_script_arguments(), HSStarGRPOConfig, ModelConfig), prog=prog)
     config_cls = HSStarDPOConfig if objective == "dpo" else HSStarConfig
     return TrlParser((HSStarScriptArguments, config_cls, ModelConfig), prog=prog)
 
@@ -198,7 +215,7 @@ def _prepare(argv: Sequence[str] | None) -> tuple[list[str], str]:
         at = argv.index("--config") + 1
         argv[at] = shipped("recipes", argv[at])
     objective = _peek_objective(argv)
-    return translate_grpo(argv, objective), objective
+    return (argv if objective == "grpo" else translate_grpo(argv, objective)), objective
 
 
 def parse(argv: Sequence[str] | None = None):
@@ -358,6 +375,8 @@ def main(script_args: HSStarScriptArguments, training_args, model_args: ModelCon
     model_init_kwargs.update(training_args.model_init_kwargs or {})
     training_args.model_init_kwargs = model_init_kwargs
 
+    if script_args.objective == "grpo":
+        return _main_grpo(script_args, training_args, model_args, model, problems, reward_funcs)
     trainer_cls = HSStarDPOTrainer if script_args.objective == "dpo" else HSStarTrainer
     trainer = trainer_cls(
         model=model,
@@ -391,6 +410,38 @@ def main(script_args: HSStarScriptArguments, training_args, model_args: ModelCon
             trainer.accelerator.print(f"warning (iteration {stats['iteration']}): {warning}")
     if hasattr(trainer, "end"):
         trainer.end()
+    return trainer
+
+
+def _main_grpo(script_args, training_args, model_args, model, problems, reward_funcs):
+    """``objective: grpo``: TRL's GRPO with HS-STaR's allocation of rollouts (docs/grpo.md)."""
+    from trl import get_peft_config
+
+    from .grpo import HSStarGRPOTrainer
+
+    if script_args.reward_model_name_or_path:
+        raise ValueError(
+            "`reward_model_name_or_path` (a process reward model for difficulty) is not read by the GRPO recipe "
+            "yet: build HSStarGRPOTrainer in Python with `process_reward_model=`, or remove the field."
+        )
+    if not reward_funcs:
+        raise ValueError(
+            "`reward_funcs` is required with `objective: grpo`: e.g. [trl_hsstar.verify.answer_reward] (1 for a "
+            "right answer), which is also the accuracy HS-STaR reads (`accuracy_reward_index`)."
+        )
+    trainer = HSStarGRPOTrainer(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=training_args,
+        train_dataset=problems,
+        peft_config=get_peft_config(model_args),
+    )
+    trainer.train()
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(
+        f"HS-STaR GRPO finished: {trainer.state.global_step} steps, rollouts by level when drawn "
+        f"{dict(trainer.rollouts)}; model in {training_args.output_dir}"
+    )
     return trainer
 
 
