@@ -5,11 +5,13 @@ Per seed, three arms on the seed's 128 problems, 8 completions per prompt, 8 pro
 completions, the offline study's budget): ``uniform``, ``hsstar``, and ``uniform-again`` (uniform with another
 procedure seed on the same problems: the noise floor). The endpoint is the offline study's: mean held-out greedy
 accuracy after the last two epochs on levels 3x1 to 8x1, 400 problems each. Each run's record goes to
-``benchmarks/results/grpo_study/`` as it ends (a rerun skips finished runs); ``--report-only`` collects them into
-``benchmarks/results/bench_grpo_study.json`` and renders the section between the markers from that record alone.
+``benchmarks/results/grpo_study/`` as it ends (a rerun skips finished runs); at the end they are collected into
+``benchmarks/results/bench_grpo_study.json`` (``--collect`` does only that), and the section between the markers is
+rendered from that record alone (``--report-only`` renders it again, without touching the record).
 
     python benchmarks/bench_grpo_study.py                                   # 20 seeds x 3 arms, 2 runs at a time
-    python benchmarks/bench_grpo_study.py --report-only --output docs/benchmarks.md
+    python benchmarks/bench_grpo_study.py --collect --output docs/benchmarks.md       # records -> record -> section
+    python benchmarks/bench_grpo_study.py --report-only --output docs/benchmarks.md   # record -> section
     python benchmarks/bench_grpo_study.py --quick --work-dir /tmp/q         # a smoke test on the tiny reasoner
 """
 
@@ -65,11 +67,14 @@ TARGETS = {"signal_share": 0.9, "gain": 0.02}
 """The issue's targets: >= 90% of hsstar's rollouts in groups with signal; hsstar - uniform >= +2 points."""
 
 
+def _epoch(record: dict, i: int, levels=ENDPOINT_LEVELS) -> float:
+    """Mean held-out accuracy over ``levels`` after epoch ``i``."""
+    return statistics.mean(record["held_out_by_epoch"][i][lv] for lv in levels)
+
+
 def endpoint(record: dict, *, last: int = ENDPOINT_EPOCHS, levels=ENDPOINT_LEVELS) -> float:
     """Mean over the last ``last`` epochs of the mean held-out accuracy over ``levels``."""
-    return statistics.mean(
-        statistics.mean(e[lv] for lv in levels) for e in record["held_out_by_epoch"][-last:]
-    )
+    return statistics.mean(_epoch(record, i, levels) for i in range(-last, 0))
 
 
 # -- one run
@@ -343,10 +348,6 @@ def render(record: dict) -> str:
     return "\n".join(lines)
 
 
-def _epoch(record: dict, i: int) -> float:
-    return statistics.mean(record["held_out_by_epoch"][i][lv] for lv in ENDPOINT_LEVELS)
-
-
 # -- the command
 
 
@@ -364,6 +365,11 @@ def make_parser() -> argparse.ArgumentParser:
         "--jobs", type=int, default=2, help="runs at a time, each with its share of the torch threads"
     )
     p.add_argument("--quick", action="store_true", help="smoke test: the tiny reasoner, 2 seeds, 16 problems")
+    p.add_argument(
+        "--collect",
+        action="store_true",
+        help="collect the run records into --results and render; run nothing",
+    )
     add_report_only(p)
     return p
 
@@ -371,6 +377,7 @@ def make_parser() -> argparse.ArgumentParser:
 def collect(args, argv) -> None:
     """The collected record: every run record of ``--records``, with the collection's own provenance."""
     runs = bench_study.read_records(Path(args.records))
+    kept = protocol_runs(runs, quick=args.quick, seeds=args.seeds)
     record = {
         "meta": {
             "commit": git_commit(),
@@ -379,8 +386,8 @@ def collect(args, argv) -> None:
         },
         "setting": sizes(args),
         "planned_seeds": args.seeds,
-        "runs": protocol_runs(runs, quick=args.quick, seeds=args.seeds),
-        "left_out": sorted(set(runs) - set(protocol_runs(runs, quick=args.quick, seeds=args.seeds))),
+        "runs": kept,
+        "left_out": sorted(set(runs) - set(kept)),
     }
     publish(render, record, results=args.results, output=args.output, marks=MARKS)
 
@@ -393,11 +400,11 @@ def main(argv=None) -> int:
     args.records = args.records or str(home / "benchmarks" / "results" / "grpo_study")
     args.results = args.results or str(home / RESULTS)
     Path(args.records).mkdir(parents=True, exist_ok=True)
-    if args.report_only:
-        if not Path(args.records).is_dir() or not any(Path(args.records).glob("*.json")):
-            republish(render, results=args.results, output=args.output, marks=MARKS)
-        else:
-            collect(args, argv)
+    if args.report_only:  # the section from the collected record alone
+        republish(render, results=args.results, output=args.output, marks=MARKS)
+        return 0
+    if args.collect:
+        collect(args, argv)
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch

@@ -237,7 +237,9 @@ def test_bad_values_fail_before_generation(reasoner_dir, tmp_path):
     def nan_prm(prompts, completions, **kwargs):
         return [float("nan")] * len(completions)
 
-    with pytest.raises(ValueError, match="returned NaN on its check before generation"):
+    with pytest.raises(
+        ValueError, match=r"'nan_prm' returned NaN at index 0 on its check before any sampling"
+    ):
         build(process_reward_model=nan_prm, args={"reward_thresholds": [0.25, 0.5]})
 
 

@@ -628,3 +628,16 @@ def test_docs_examples_run_as_written():
         if "# prints " in line
     ]
     assert out.getvalue().strip().splitlines() == expected
+
+
+def test_answer_reward_reads_text_and_chat_completions():
+    from trl_hsstar import answer_reward
+
+    chat = [{"role": "assistant", "content": [{"type": "text", "text": "so \\boxed{12}"}]}]
+    assert answer_reward(["7 + 5 = \\boxed{12}", "\\boxed{13}", chat], ["12", "12", 12]) == [1.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match="NaN at index 1 on its check before any sampling"):
+        check_rewards([0.5, float("nan")], 2, "prm", nan_is_error=True)
+    assert check_rewards([0.5, float("nan")], 2, "prm") == [
+        0.5,
+        None,
+    ]  # the sampling-time policy is unchanged

@@ -36,7 +36,7 @@ _LAZY = {
     "MathVerifier": "verify",
     "extract_answer": "verify",
     "verify_answer": "verify",
-    "answer_reward": "verify",
+    "answer_reward": "rewards",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -47,9 +47,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from .config import HSStarConfig, HSStarDPOConfig
     from .difficulty import PUBLISHED_THRESHOLDS, Difficulty, Level, estimate_difficulty, lookup_thresholds
     from .grpo import HSStarGRPOConfig, HSStarGRPOTrainer
+    from .rewards import answer_reward
     from .selection import ScoredSample, select_dpo_pairs, select_sft_rows
     from .trainer import HSStarDPOTrainer, HSStarTrainer
-    from .verify import MathVerifier, answer_reward, extract_answer, verify_answer
+    from .verify import MathVerifier, extract_answer, verify_answer
 
 
 def __getattr__(name: str):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import os
 import random
 from collections import Counter
@@ -34,7 +33,7 @@ from ._compat import GRPOSeams
 from .budget import ROLLOUT_ALLOCATIONS, draw_prompts
 from .checks import check_int
 from .difficulty import ESTIMATORS, Difficulty, Level, estimate_difficulty, validate_thresholds
-from .rewards import check_rewards, reward_source_name
+from .rewards import check_rewards, probe_inputs, reward_source_name
 
 __all__ = ["HSStarGRPOConfig", "HSStarGRPOTrainer"]
 
@@ -337,20 +336,7 @@ class HSStarGRPOTrainer(GRPOSeams, GRPOTrainer):
     def _probe_reward_model(self, row: dict) -> None:
         """Call the process reward model once on two tiny completions of the first prompt, before any
         generation: a wrong output or a NaN fails here, not an hour into a run."""
-        texts = ["The answer is 1.", ""]
-        completions = (
-            texts
-            if isinstance(row["prompt"], str)
-            else [[{"role": "assistant", "content": t}] for t in texts]
-        )
+        prompts, completions = probe_inputs(row["prompt"], row.get("answer", 1))
         columns = {k: [v] * 2 for k, v in row.items() if k != "prompt"}
         name = reward_source_name(self.process_reward_model)
-        values = self.process_reward_model([row["prompt"]] * 2, completions, **columns)
-        if isinstance(values, (list, tuple)) and any(
-            isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isnan(float(v)) for v in values
-        ):
-            raise ValueError(
-                f"`process_reward_model` ({name}) returned NaN on its check before generation ({values!r}): it must "
-                "return a score in [0, 1], or None for a completion it cannot score."
-            )
-        check_rewards(values, 2, name)
+        check_rewards(self.process_reward_model(prompts, completions, **columns), 2, name, nan_is_error=True)

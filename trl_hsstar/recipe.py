@@ -426,7 +426,7 @@ def _main_grpo(script_args, training_args, model_args, model, problems, reward_f
         )
     if not reward_funcs:
         raise ValueError(
-            "`reward_funcs` is required with `objective: grpo`: e.g. [trl_hsstar.verify.answer_reward] (1 for a "
+            "`reward_funcs` is required with `objective: grpo`: e.g. [trl_hsstar.rewards.answer_reward] (1 for a "
             "right answer), which is also the accuracy HS-STaR reads (`accuracy_reward_index`)."
         )
     trainer = HSStarGRPOTrainer(

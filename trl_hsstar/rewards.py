@@ -52,6 +52,7 @@ __all__ = [
     "ProcessRewardModel",
     "RewardSource",
     "aggregate_step_rewards",
+    "answer_reward",
     "as_reward_source",
     "check_rewards",
     "combine_rewards",
@@ -126,12 +127,13 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def check_rewards(values: Any, n: int, name: str) -> list[float | None]:
+def check_rewards(values: Any, n: int, name: str, *, nan_is_error: bool = False) -> list[float | None]:
     """Validate what reward source ``name`` returned for ``n`` completions; return it as floats / ``None``.
 
     A valid output is a list (or tuple) of ``n`` values, each a finite real number or ``None`` (bools are not
     numbers). Numpy scalars are accepted and converted to ``float``. NaN means what ``None`` means, "cannot score
-    this completion" (as in GRPOTrainer), and becomes ``None`` with a warning.
+    this completion" (as in GRPOTrainer), and becomes ``None`` with a warning; under ``nan_is_error`` (a check
+    before any sampling) it is an error.
 
     Raises:
         ValueError: naming the source and what is wrong, e.g. ``"reward function 'my_fn' returned 3 values
@@ -157,6 +159,11 @@ def check_rewards(values: Any, n: int, name: str) -> list[float | None]:
                 "or None"
             )
         x = float(v)
+        if math.isnan(x) and nan_is_error:
+            raise ValueError(
+                f"{who} returned NaN at index {i} on its check before any sampling: it must return a score, or None for a "
+                "completion it cannot score"
+            )
         if math.isnan(x):  # GRPOTrainer's reading of None; one policy for one source or many
             out.append(None)
             nan += 1
@@ -286,6 +293,24 @@ def _completion_text(completion: Any) -> str:
     messages = _as_messages(completion, "a completion")
     assistant = [m["content"] for m in messages if m["role"] == "assistant"]
     return "".join(assistant if assistant else [m["content"] for m in messages])
+
+
+def answer_reward(completions: list, answer: list, **kwargs) -> list[float]:
+    """A TRL reward function: 1.0 when a completion's final answer equals the reference in the ``answer`` column,
+    else 0.0 (the package's verifier). For GRPO, and the accuracy HSStarGRPOTrainer reads."""
+    from .verify import verify_answer
+
+    return [
+        float(verify_answer(_completion_text(c), str(a))) for c, a in zip(completions, answer, strict=True)
+    ]
+
+
+def probe_inputs(prompt: Any, answer: Any) -> tuple[list, list]:
+    """Two tiny completions of one real prompt (its answer boxed, and an empty one), in the prompt's format: what a
+    reward source is called on once before any sampling, so that a wrong output fails at once."""
+    texts = [f"The answer is \\boxed{{{answer}}}.", ""]
+    completions = texts if isinstance(prompt, str) else [[{"role": "assistant", "content": t}] for t in texts]
+    return [prompt] * 2, completions
 
 
 def _render_prompt(prompt: Any, tokenizer: PreTrainedTokenizerBase) -> str:

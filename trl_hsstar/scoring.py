@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 from ._utils import model_name
 from .difficulty import lookup_thresholds
-from .rewards import as_reward_source, check_rewards, combine_rewards, reward_source_name
+from .rewards import as_reward_source, check_rewards, combine_rewards, probe_inputs, reward_source_name
 
 logger = logging.getLogger(__name__)
 
@@ -144,15 +144,10 @@ class RunRewards:
     def probe(self, score_fn, problem: dict) -> None:
         """Call the reward source once on two tiny completions of a real problem, so that a reward function with
         the wrong output (length, type) fails here, before any sampling, and not hours into a run."""
-        texts = [f"The answer is \\boxed{{{problem['answer']}}}.", ""]
-        completions = (
-            texts
-            if isinstance(problem["prompt"], str)
-            else [[{"role": "assistant", "content": t}] for t in texts]
-        )
+        prompts, completions = probe_inputs(problem["prompt"], problem["answer"])
         columns = {k: [v] * 2 for k, v in problem["columns"].items()}
         try:
-            score_fn([problem["prompt"]] * 2, completions, **columns)
+            score_fn(prompts, completions, **columns)
             self.pop_logs()  # what the check logged is not the iteration's
         except Exception as error:
             raise ValueError(

@@ -41,7 +41,6 @@ from .checks import check_int
 
 __all__ = [
     "MathVerifier",
-    "answer_reward",
     "extract_answer",
     "extract_boxed",
     "extract_gsm8k",
@@ -497,14 +496,6 @@ def verify_answer(completion: str, reference: str) -> bool:
             if _default_verifier is None:
                 _default_verifier = MathVerifier()
     return _default_verifier(completion, reference)
-
-
-def answer_reward(completions: list, answer: list, **kwargs) -> list[float]:
-    """A TRL reward function: 1.0 when a completion's final answer equals the reference in the ``answer`` column,
-    else 0.0 (a conversational completion is read from its last message). For GRPO, and HSStarGRPOTrainer's
-    accuracy."""
-    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
-    return [float(verify_answer(t, str(a))) for t, a in zip(texts, answer, strict=True)]
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:  # pragma: no cover
