@@ -394,6 +394,8 @@ class _HSStarBase(Trainer):
             trainer = self._trl_trainer(dataset, args, [*self.user_callbacks, _PassRelay(self, offset)])
         output = trainer.train(**train_kwargs)
         self.state.global_step = offset + trainer.state.global_step
+        # every process out of the pass (transformers globs its output_dir as train() ends) before it goes
+        self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             shutil.rmtree(args.output_dir, ignore_errors=True)
         return output
