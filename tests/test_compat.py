@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import re
 from pathlib import Path
 
 import accelerate
@@ -124,6 +125,21 @@ def test_grpo_seams_override_methods_whose_signatures_are_pinned():
     )
     # the rewards GRPO normalizes per group are gathered across processes before _calculate_rewards returns
     assert "gather(rewards_per_func)" in inspect.getsource(trl.GRPOTrainer._calculate_rewards)
+    # DAPO's refills wrap each generation round, and concat_groups rebuilds its text batch: every key TRL can
+    # put in a text batch is one concat_groups knows (the others are multimodal, refused), counted the same way
+    assert list(inspect.signature(trl.GRPOTrainer._generate_and_score_completions).parameters) == [
+        "self",
+        "inputs",
+    ]
+    source = inspect.getsource(trl.GRPOTrainer._generate_and_score_completions)
+    keys = set(re.findall(r'output\["(\w+)"\] =', source)) | set(re.findall(r'^\s*"(\w+)": ', source, re.M))
+    multimodal = {
+        key for key in keys if "image" in key or "pixel" in key or key in {"spatial_shapes", "num_tiles"}
+    }
+    text = keys - multimodal - {"token_type_ids", "mm_token_type_ids", "num_images"}
+    assert {"prompt_ids", "advantages", "num_items_in_batch"} <= text
+    assert text <= _compat._GROUPABLE | {"num_items_in_batch"}, text - _compat._GROUPABLE
+    assert "num_items_in_batch = self.accelerator.gather(loss_mask.sum()).sum()" in source
 
 
 def test_bnb_cpu_repacking_switch_still_exists():

@@ -266,8 +266,59 @@ def test_a_process_reward_model_moves_an_all_right_prompt_to_boundary(reasoner_d
     assert levels == {"easy": "boundary", "boundary": "boundary", "hard": "hard"}
 
 
+def test_dapo_trains_only_groups_with_signal_and_spends_plain_grpos_rounds(reasoner_dir, tmp_path):
+    reward = ScriptedReward()
+    trainer = _trainer(reasoner_dir, tmp_path, reward, allocation="dapo")
+    batches = []
+    generate_rollouts = trainer.generate_rollouts
+
+    def spy(inputs, generate):
+        batches.append(generate_rollouts(inputs, generate))
+        return batches[-1]
+
+    trainer.generate_rollouts = spy
+    trainer.train()
+    # plain GRPO's budget, refills included: 9 rounds of 16 completions (12 prompts / 4 per round x 3 epochs)
+    assert trainer.round_budget == 9 and trainer.rounds_spent == 9 and reward.calls == [16] * 9
+    # fewer optimizer steps, each on a full batch; every batch but the last holds only groups with signal
+    assert trainer.state.global_step == len(batches) < 9
+    signal = [(batch["advantages"].view(-1, 4).abs().sum(1) > 0).tolist() for batch in batches]
+    assert all(len(s) == 4 for s in signal) and all(all(s) for s in signal[:-1])
+    logs = [h for h in trainer.state.log_history if "allocation/dropped_groups" in h]
+    assert sum(h["allocation/rounds"] for h in logs) == 9
+    assert sum(h["allocation/dropped_groups"] for h in logs) == 9 * 4 - 4 * len(batches)
+
+
+def test_refilled_groups_are_repadded_to_the_longest_round():
+    import torch
+    from accelerate import Accelerator
+
+    from trl_hsstar._compat import concat_groups
+
+    t = torch.tensor
+    short = {  # prompts 2 tokens (left-padded), completions 2 (right-padded)
+        "prompt_ids": t([[0, 5], [6, 7]]), "prompt_mask": t([[0, 1], [1, 1]]),
+        "completion_ids": t([[3, 0], [4, 4]]), "completion_mask": t([[1, 0], [1, 1]]),
+        "advantages": t([1.0, -1.0]), "num_items_in_batch": t(3),
+    }  # fmt: skip
+    long = {  # prompts 3 tokens, completions 1
+        "prompt_ids": t([[1, 2, 3], [0, 0, 4]]), "prompt_mask": t([[1, 1, 1], [0, 0, 1]]),
+        "completion_ids": t([[5], [6]]), "completion_mask": t([[1], [1]]),
+        "advantages": t([0.5, -0.5]), "num_items_in_batch": t(2),
+    }  # fmt: skip
+    batch = concat_groups([short, long], [(1, 0), (0, 1)], 1, 99, Accelerator(cpu=True))
+    assert batch["prompt_ids"].tolist() == [[1, 2, 3], [99, 6, 7]]
+    assert batch["prompt_mask"].tolist() == [[1, 1, 1], [0, 1, 1]]
+    assert batch["completion_ids"].tolist() == [[5, 99], [4, 4]]
+    assert batch["completion_mask"].tolist() == [[1, 0], [1, 1]]
+    assert batch["advantages"].tolist() == [0.5, -1.0] and int(batch["num_items_in_batch"]) == 3
+    with pytest.raises(ValueError, match=r"text batches only; this batch also holds \['pixel_values'\]"):
+        concat_groups([{**short, "pixel_values": t([0.0])}], [(0, 0)], 1, 99, Accelerator(cpu=True))
+
+
 @pytest.mark.slow
-def test_two_processes_draw_the_same_rounds(reasoner_dir, tmp_path):
+@pytest.mark.parametrize("allocation", ["hsstar", "dapo"])
+def test_two_processes_agree_on_the_allocation(reasoner_dir, tmp_path, allocation):
     script = tmp_path / "two.py"
     script.write_text(
         f"""
@@ -275,11 +326,20 @@ import json, os, sys
 sys.path.insert(0, {str(REPO / "tests")!r})
 from test_grpo import _trainer
 from pathlib import Path
-t = _trainer(Path({str(reasoner_dir)!r}), Path({str(tmp_path)!r}), per_device_train_batch_size=8)
+if {allocation!r} == "dapo":  # 12 completions per round, 3 groups: a process would hold half a group
+    try:
+        _trainer(Path("no/such-model"), Path({str(tmp_path)!r}), per_device_train_batch_size=6, allocation="dapo")
+    except ValueError as error:
+        assert "multiple of `num_generations`" in str(error), error
+    else:
+        raise AssertionError("half a group per process was accepted")
+t = _trainer(Path({str(reasoner_dir)!r}), Path({str(tmp_path)!r}), per_device_train_batch_size=8,
+             allocation={allocation!r})
 t.train()
 rank = t.accelerator.process_index
 Path({str(tmp_path)!r}, f"rank{{rank}}.json").write_text(json.dumps(
-    {{"rounds": t.rounds_drawn, "state": t.difficulty_state(), "processes": t.accelerator.num_processes}}))
+    {{"rounds": t.rounds_drawn, "state": t.difficulty_state(), "processes": t.accelerator.num_processes,
+      "steps": t.state.global_step}}))
 """
     )
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -289,6 +349,10 @@ Path({str(tmp_path)!r}, f"rank{{rank}}.json").write_text(json.dumps(
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["processes"] == 2
+    assert ranks[0]["steps"] == ranks[1]["steps"] and ranks[0]["state"]["rounds_spent"] == 9
+    if allocation == "dapo":  # refills agreed on: every process generated the same rounds, in fewer steps
+        assert ranks[0]["steps"] < 9 and ranks[0]["state"] == ranks[1]["state"]
+        return
     assert ranks[0]["rounds"] == ranks[1]["rounds"] and len(ranks[0]["rounds"]) >= 9
     assert ranks[0]["state"] == ranks[1]["state"] and len(ranks[0]["state"]["difficulty"]) == 12
     assert sum(ranks[0]["state"]["rollouts"].values()) == 9 * 16  # both processes' completions, counted once

@@ -9,6 +9,7 @@ import torch
 
 __all__ = [
     "GRPOSeams",
+    "concat_groups",
     "keep_bnb_4bit_weights_trainable_on_cpu",
     "load_checkpoint",
     "save_model_without_push",
@@ -91,7 +92,9 @@ class GRPOSeams:
     - ``_get_train_sampler``: GRPO's ``RepeatSampler`` decides which prompts each generation round rolls out; the
       trainer's ``rollout_sampler()`` replaces it (``None`` keeps TRL's);
     - ``_calculate_rewards``: returns the rewards of all processes' completions (gathered); the trainer's
-      ``observe_rewards(inputs, prompts, completions, rewards_per_func)`` sees them, unchanged.
+      ``observe_rewards(inputs, prompts, completions, rewards_per_func)`` sees them, unchanged;
+    - ``_generate_and_score_completions``: one generation round, scored, with TRL's advantages; the trainer's
+      ``generate_rollouts(inputs, generate)`` may call it again (DAPO's refills) before the batch trains.
 
     TRL has no public hook for either (huggingface/trl#3708). ``tests/test_compat.py`` fails when their signatures
     change.
@@ -105,3 +108,45 @@ class GRPOSeams:
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         self.observe_rewards(inputs, prompts, completions, rewards_per_func)
         return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        return self.generate_rollouts(inputs, super()._generate_and_score_completions)
+
+
+# TRL left-pads the prompt's tensors and right-pads every other per-token tensor
+_PROMPT_SIDE = ("prompt_ids", "prompt_mask")
+_GROUPABLE = {
+    "prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages", "old_per_token_logps",
+    "importance_sampling_ratio", "sampling_per_token_logps", "ref_per_token_logps", "tool_mask",
+}  # fmt: skip
+
+
+def concat_groups(
+    rounds: list[dict], picks: list[tuple[int, int]], group_size: int, pad_token_id: int, accelerator
+) -> dict:
+    """One training batch from the groups ``picks`` (round, group) of several ``_generate_and_score_completions``
+    outputs: each tensor's rows taken and re-padded to the longest round (ids with ``pad_token_id``, masks and
+    scores with 0), ``num_items_in_batch`` counted again over all processes. A key outside the text layout
+    (images, multimodal ids) raises: refills are text-only."""
+    unknown = set(rounds[0]) - _GROUPABLE - {"num_items_in_batch"}
+    if unknown:
+        raise ValueError(
+            f"`allocation='dapo'` refills text batches only; this batch also holds {sorted(unknown)}."
+        )
+    batch = {}
+    for key in [key for key in rounds[0] if key != "num_items_in_batch"]:
+        rows = [rounds[r][key][g * group_size : (g + 1) * group_size] for r, g in picks]
+        if rows[0].dim() > 1:
+            width = max(row.size(1) for row in rows)
+            value = pad_token_id if key.endswith("_ids") else 1 if key == "tool_mask" else 0
+            left = key in _PROMPT_SIDE
+            rows = [
+                torch.nn.functional.pad(
+                    row, (width - row.size(1), 0) if left else (0, width - row.size(1)), value=value
+                )
+                for row in rows
+            ]
+        batch[key] = torch.cat(rows)
+    loss_mask = batch["completion_mask"] * batch.get("tool_mask", 1)
+    batch["num_items_in_batch"] = accelerator.gather(loss_mask.sum()).sum()
+    return batch

@@ -54,8 +54,9 @@ from .difficulty import Difficulty, Level
 __all__ = ["ROLLOUT_ALLOCATIONS", "STRATEGIES", "Allocation", "allocate", "draw_prompts", "presamples_for"]
 
 STRATEGIES = ("hsstar", "uniform", "prop2diff", "band", "hsstar_adaptive", "knapsack")
-ROLLOUT_ALLOCATIONS = ("uniform", "hsstar")
-"""How the online trainer (``HSStarGRPOTrainer``) picks each generation round's prompts: :func:`draw_prompts`."""
+ROLLOUT_ALLOCATIONS = ("uniform", "hsstar", "dapo")
+"""How the online trainer (``HSStarGRPOTrainer``) spends its rollouts: TRL's sampler, :func:`draw_prompts`, or
+DAPO's dynamic sampling (zero-variance groups dropped, the batch refilled)."""
 
 
 @dataclass(frozen=True)

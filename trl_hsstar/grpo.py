@@ -8,8 +8,12 @@ ones at ``reprobe_rate``, prompts never rolled out first. Every round still gene
 completions in groups of ``num_generations``, so the budget is plain GRPO's to the completion and TRL's own reward
 calls, advantages and loss run untouched.
 
-The seam is a sampler (in place of GRPO's ``RepeatSampler``) and an observer of the gathered rewards; both reach
-upstream's protected methods through ``_compat.GRPOSeams``, checked against the installed TRL by
+``allocation="dapo"`` is the baseline from the other side: DAPO's dynamic sampling keeps TRL's sampler, drops the
+groups whose rewards are all equal and refills the batch with new rounds, and stops when it has generated as many
+rounds as plain GRPO would (fewer optimizer steps, each on groups with signal).
+
+The seam is a sampler (in place of GRPO's ``RepeatSampler``), an observer of the gathered rewards and, for DAPO, a
+wrapper around each generation round; all reach upstream's protected methods through ``_compat.GRPOSeams``, checked against the installed TRL by
 ``tests/test_compat.py``. The difficulty state is saved in every checkpoint and read back on resume, as TRL keeps
 its entropy controller's state.
 """
@@ -29,7 +33,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import GRPOConfig, GRPOTrainer
 
-from ._compat import GRPOSeams
+from ._compat import GRPOSeams, concat_groups
 from .budget import ROLLOUT_ALLOCATIONS, draw_prompts
 from .checks import check_int
 from .difficulty import ESTIMATORS, Difficulty, Level, estimate_difficulty, validate_thresholds
@@ -50,8 +54,10 @@ class HSStarGRPOConfig(GRPOConfig):
 
     Parameters:
         allocation (`str`, *optional*, defaults to `"hsstar"`):
-            How each round's prompts are drawn: `"hsstar"` (by difficulty: boundary prompts with weight 1, easy and
-            hard ones with `reprobe_rate`) or `"uniform"` (plain GRPO, TRL's own sampler).
+            How the rollouts are spent: `"hsstar"` (each round's prompts drawn by difficulty: boundary prompts with
+            weight 1, easy and hard ones with `reprobe_rate`), `"uniform"` (plain GRPO, TRL's own sampler) or
+            `"dapo"` (DAPO's dynamic sampling: TRL's sampler, groups with equal rewards dropped and the batch
+            refilled from new rounds, until as many rounds as plain GRPO's are spent).
         reprobe_rate (`float`, *optional*, defaults to `0.1`):
             Weight of an easy or hard prompt against a boundary one's 1: its chance to be drawn again and found to
             have changed level. `0` draws them only when too few boundary prompts are left to fill a round.
@@ -71,7 +77,9 @@ class HSStarGRPOConfig(GRPOConfig):
             A rollout is correct when that reward function gives at least this.
     """
 
-    allocation: str = field(default="hsstar", metadata={"help": "Rollout allocation: 'hsstar' or 'uniform'."})
+    allocation: str = field(
+        default="hsstar", metadata={"help": "Rollout allocation: 'hsstar', 'uniform' or 'dapo'."}
+    )
     reprobe_rate: float = field(
         default=0.1, metadata={"help": "Draw weight of an easy or hard prompt against a boundary prompt's 1."}
     )
@@ -156,6 +164,26 @@ class _SaveDifficulty(TrainerCallback):
                 json.dump(self.trainer.difficulty_state(), f)
 
 
+class _RoundBudget(TrainerCallback):
+    """Sets plain GRPO's number of generation rounds when training begins; under ``allocation="dapo"``, whose
+    steps may take several rounds each, stops training once they are spent and the last batch is used up."""
+
+    def __init__(self, trainer: HSStarGRPOTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        every = args.steps_per_generation * self.trainer.num_iterations  # micro-steps per round
+        self.trainer.round_budget = math.ceil(state.max_steps * args.gradient_accumulation_steps / every)
+        self.trainer.generated_at_step = state.global_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        every = args.steps_per_generation * trainer.num_iterations
+        used_up = (state.global_step - trainer.generated_at_step) * args.gradient_accumulation_steps >= every
+        if args.allocation == "dapo" and trainer.rounds_spent >= trainer.round_budget and used_up:
+            control.should_training_stop = True
+
+
 class HSStarGRPOTrainer(GRPOSeams, GRPOTrainer):
     """[`~trl.GRPOTrainer`] whose generation rounds go to boundary prompts (see the module doc and docs/grpo.md).
 
@@ -204,6 +232,19 @@ class HSStarGRPOTrainer(GRPOSeams, GRPOTrainer):
                 f"`allocation={args.allocation!r}` draws prompts by index: give a map-style `train_dataset` "
                 "(a `datasets.Dataset`, not an `IterableDataset`), or use `allocation='uniform'`."
             )
+        local_batch = args.per_device_train_batch_size * args.steps_per_generation
+        if args.allocation == "dapo" and local_batch % args.num_generations:
+            raise ValueError(
+                f"`allocation='dapo'` drops and refills whole groups on each process, but a process's generation "
+                f"batch ({local_batch} = `per_device_train_batch_size` x `steps_per_generation`) is not a multiple "
+                f"of `num_generations` ({args.num_generations}): make it one."
+            )
+        images = {"image", "images"} & set(getattr(train_dataset, "column_names", None) or [])
+        if args.allocation == "dapo" and images:
+            raise ValueError(
+                f"`allocation='dapo'` refills text batches only, but `train_dataset` has {sorted(images)}: use "
+                "`allocation='hsstar'` or `'uniform'` for images."
+            )
         self.prompt_keys = [prompt_key(p) for p in train_dataset["prompt"]] if map_style else []
         per_round = args.generation_batch_size // args.num_generations
         if args.allocation != "uniform" and per_round > len(self.prompt_keys):
@@ -222,14 +263,18 @@ class HSStarGRPOTrainer(GRPOSeams, GRPOTrainer):
         self.rollouts: Counter[str] = Counter()  # per level at draw time, over the run
         self.rounds_drawn: list[list[int]] = []  # each round's prompt indices, in order
         self.pending: set[str] = set()  # drawn, not yet scored (the dataloader draws a round ahead)
+        self.rounds_spent = 0  # training rounds generated, refills included
+        self.round_budget = 0  # plain GRPO's rounds for this run, set when training begins (DAPO stops there)
+        self.round_signal: list[bool] = []  # the latest round's groups: rewards not all equal
         self._since_log: Counter[str] = Counter()
         self.add_callback(_SaveDifficulty(self))
+        self.add_callback(_RoundBudget(self))
 
     # -- the seam: which prompts each round rolls out
 
     def rollout_sampler(self) -> RoundSampler | None:
         """The sampler of the training rounds (GRPO's own under ``allocation="uniform"``)."""
-        if self.args.allocation == "uniform":
+        if self.args.allocation != "hsstar":
             return None
         return RoundSampler(
             self,
@@ -277,6 +322,10 @@ class HSStarGRPOTrainer(GRPOSeams, GRPOTrainer):
         weights = self.reward_weights.to(rewards_per_func.device)
         totals = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1).tolist()  # GRPO's reward
         self.observe(keys, correct, scores, totals)
+        g = self.num_generations  # TRL's groups: consecutive rows of the gathered round
+        self.round_signal = [len(set(totals[i : i + g])) > 1 for i in range(0, len(totals), g)]
+        self.rounds_spent += 1
+        self._since_log["rounds"] += 1
 
     def observe(self, keys: list[str], correct: list[bool], scores: list | None, totals: list[float]) -> None:
         """Update each group's prompt from its rollouts and count what was spent (every process, the same)."""
@@ -299,6 +348,43 @@ class HSStarGRPOTrainer(GRPOSeams, GRPOTrainer):
                 thresholds=self.args.reward_thresholds,
             )
 
+    # -- DAPO's dynamic sampling: groups without signal dropped, the batch refilled from new rounds
+
+    def generate_rollouts(self, inputs: list[dict], generate) -> dict:
+        """One training batch from ``generate`` (TRL's round: generation, rewards, advantages). Under
+        ``allocation="dapo"`` this process's groups with equal rewards are dropped and new rounds are generated
+        until every process holds a batch of groups with signal, or plain GRPO's rounds are spent (then groups
+        without signal fill what is left, as plain GRPO would have trained them)."""
+        batch = generate(inputs)
+        if self.args.allocation != "dapo" or not self.model.training:
+            return batch
+        g, n = self.num_generations, len(inputs) // self.num_generations  # groups per process
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        rounds, signal = [batch], [self.round_signal]
+        while min(sum(s[q * n : (q + 1) * n].count(True) for s in signal) for q in range(world)) < n:
+            if self.rounds_spent >= self.round_budget:
+                break
+            rounds.append(generate(self.refill_inputs(len(inputs))))
+            signal.append(self.round_signal)
+        self.generated_at_step = self.state.global_step
+        mine = [(r, i) for r, s in enumerate(signal) for i in range(n)]
+        picks = [p for p in mine if signal[p[0]][rank * n + p[1]]]
+        picks += [p for p in reversed(mine) if not signal[p[0]][rank * n + p[1]]]
+        self._since_log["dropped_groups"] += len(mine) - n if len(rounds) > 1 else 0
+        if len(rounds) == 1:
+            return batch
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        return concat_groups(rounds, picks[:n], g, tokenizer.pad_token_id, self.accelerator)
+
+    def refill_inputs(self, size: int) -> list[dict]:
+        """This process's rows of a new round: distinct prompts drawn uniformly (the same on every process),
+        each ``num_generations`` times, split across processes as the dataloader splits a round."""
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        rng = random.Random(f"{self.args.seed}-refill-{self.rounds_spent}")
+        chunk = rng.sample(range(len(self.prompt_keys)), size * world // self.num_generations)
+        rows = [index for index in chunk for _ in range(self.num_generations)]
+        return [self.train_dataset[index] for index in rows[rank * size : (rank + 1) * size]]
+
     # -- logging, saving and resuming
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -306,6 +392,9 @@ class HSStarGRPOTrainer(GRPOSeams, GRPOTrainer):
             counts = self._since_log
             logs["allocation/groups_with_signal"] = counts["groups_with_signal"] / counts["groups"]
             logs["allocation/reprobes"] = counts["reprobes"]
+            logs["allocation/rounds"] = counts["rounds"]
+            if self.args.allocation == "dapo":
+                logs["allocation/dropped_groups"] = counts["dropped_groups"]
             for level in LEVELS:
                 logs[f"allocation/rollouts_{level}"] = counts[f"rollouts_{level}"]
             held = Counter(self.level_of(key) for key in self.prompt_keys)
@@ -318,11 +407,13 @@ class HSStarGRPOTrainer(GRPOSeams, GRPOTrainer):
         return {
             "difficulty": {key: d.to_dict() for key, d in self.difficulty.items()},
             "rollouts": dict(self.rollouts),
+            "rounds_spent": self.rounds_spent,
         }
 
     def load_difficulty_state(self, state: dict) -> None:
         self.difficulty = {key: Difficulty.from_dict(row) for key, row in state["difficulty"].items()}
         self.rollouts = Counter(state["rollouts"])
+        self.rounds_spent = state.get("rounds_spent", 0)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         checkpoint = resume_from_checkpoint
