@@ -1,15 +1,15 @@
 """The pre-registered GRPO study of docs/protocol.md ("The GRPO study"): ``HSStarGRPOTrainer`` with the ``hsstar``
 allocation against plain GRPO (``uniform``) at equal generated completions, on the world, from the shipped M_0.
 
-Per seed, three arms on the seed's 128 problems, 8 completions per prompt, 8 prompts per round, 3 epochs (3,072
-completions, the offline study's budget): ``uniform``, ``hsstar``, and ``uniform-again`` (uniform with another
-procedure seed on the same problems: the noise floor). The endpoint is the offline study's: mean held-out greedy
+Per seed, four arms on the seed's 128 problems, 8 completions per prompt, 8 prompts per round, 3 epochs (3,072
+completions, the offline study's budget): ``uniform``, ``hsstar``, ``uniform-again`` (uniform with another
+procedure seed on the same problems: the noise floor) and ``dapo`` (DAPO's dynamic sampling, amendment 1). The endpoint is the offline study's: mean held-out greedy
 accuracy after the last two epochs on levels 3x1 to 8x1, 400 problems each. Each run's record goes to
 ``benchmarks/results/grpo_study/`` as it ends (a rerun skips finished runs); at the end they are collected into
 ``benchmarks/results/bench_grpo_study.json`` (``--collect`` does only that), and the section between the markers is
 rendered from that record alone (``--report-only`` renders it again, without touching the record).
 
-    python benchmarks/bench_grpo_study.py                                   # 20 seeds x 3 arms, 2 runs at a time
+    python benchmarks/bench_grpo_study.py                                   # 20 seeds x 4 arms, 2 runs at a time
     python benchmarks/bench_grpo_study.py --collect --output docs/benchmarks.md       # records -> record -> section
     python benchmarks/bench_grpo_study.py --report-only --output docs/benchmarks.md   # record -> section
     python benchmarks/bench_grpo_study.py --quick --work-dir /tmp/q         # a smoke test on the tiny reasoner
@@ -58,9 +58,16 @@ SETTING = {
     "eval_per_level": 400,
 }
 SEEDS = 20
-ARMS = {"uniform": ("uniform", 0), "hsstar": ("hsstar", 0), "uniform-again": ("uniform", 10_000)}
+ARMS = {
+    "uniform": ("uniform", 0),
+    "hsstar": ("hsstar", 0),
+    "uniform-again": ("uniform", 10_000),
+    "dapo": ("dapo", 0),
+}
 PRIMARY = ("hsstar", "uniform")
 NOISE_FLOOR = ("uniform-again", "uniform")
+SECONDARY = {"hsstar - dapo": ("hsstar", "dapo"), "dapo - uniform": ("dapo", "uniform")}
+"""Amendment 1's comparisons, Holm over these two."""
 ENDPOINT_LEVELS = bench_study.ENDPOINT_LEVELS
 ENDPOINT_EPOCHS = 2
 TARGETS = {"signal_share": 0.9, "gain": 0.02}
@@ -118,15 +125,21 @@ def execute(run: dict, *, args, reasoner: str, initial: dict, context: dict) -> 
     by_epoch: list[dict] = []
 
     class EvalEachEpoch(TrainerCallback):
-        def on_epoch_end(self, args, state, control, model=None, **kwargs):
-            model.eval()
-            by_epoch.append(evaluate_levels(model, tokenizer, held))
-            model.train()
+        """After each epoch's worth of completions: the epoch's end, or DAPO's first step past it."""
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            passed = trainer.rounds_spent // rounds_per_epoch  # epochs' worth of completions spent
+            if passed > len(by_epoch):
+                model.eval()
+                accuracy = evaluate_levels(model, tokenizer, held)
+                model.train()
+                by_epoch.extend([accuracy] * (passed - len(by_epoch)))  # one step may pass two marks
 
     out_dir = Path(args.work_dir) / "out" / key(run)
     if out_dir.exists():  # an interrupted run restarts from scratch: its record is what counts
         shutil.rmtree(out_dir)
     longest = max(len(p.rationale()) for p in problems)
+    rounds_per_epoch = size["problems"] // size["prompts_per_round"]
     config = HSStarGRPOConfig(
         output_dir=str(out_dir),
         allocation=allocation,
@@ -172,6 +185,8 @@ def execute(run: dict, *, args, reasoner: str, initial: dict, context: dict) -> 
         "groups_with_signal": spent["groups_with_signal"],
         "rollouts_by_level_when_drawn": dict(trainer.rollouts),
         "steps": trainer.state.global_step,
+        "rounds": trainer.rounds_spent,
+        "dropped_groups": sum(h.get("allocation/dropped_groups", 0) for h in trainer.state.log_history),
         "wall_seconds": round(wall, 1),
         "torch_threads": torch.get_num_threads(),
         **context,
@@ -239,10 +254,15 @@ def analyse(runs: dict) -> dict:
     adjusted = holm({k: v["p"] for k, v in exploratory.items()})
     for k, v in exploratory.items():
         v["p_holm"] = adjusted[k]
+    secondary = {name: comparison(runs, pair) for name, pair in SECONDARY.items()}
+    adjusted = holm({k: v["p"] for k, v in secondary.items()})
+    for k, v in secondary.items():
+        v["p_holm"] = adjusted[k]
     return {
         "primary": comparison(runs, PRIMARY),
         "noise_floor": comparison(runs, NOISE_FLOOR),
         "exploratory": exploratory,
+        "secondary": secondary,
     }
 
 
@@ -263,6 +283,8 @@ def _arm_row(arm: str, recs: list[dict]) -> str:
         + ", ".join(
             f"{lv} {100 * levels[lv] / total:.0f}%" for lv in ("unprobed", "easy", "boundary", "hard")
         )
+        + f" | {statistics.mean(r['steps'] for r in recs):.1f}"
+        + f" | {statistics.mean(r.get('dropped_groups', 0) for r in recs):.1f}"
         + f" | {statistics.mean(r['wall_seconds'] for r in recs):.0f} |"
     )
 
@@ -314,10 +336,22 @@ def render(record: dict) -> str:
         "|---|---:|---:|---|---:|---:|---:|",
         *[bench_study._row(name, c, holm_p=True) for name, c in a["exploratory"].items()],
         "",
+    ]
+    if any(r["arm"] == "dapo" for r in runs.values()):
+        lines += [
+            "Secondary (protocol amendment 1, Holm over these 2): DAPO's dynamic sampling at the same completions. "
+            "`dapo` is evaluated after each epoch's worth of completions, at the first step past it.",
+            "",
+            "| comparison (paired by seed) | seeds | mean (points) | 95% interval | half-width | p | p, Holm |",
+            "|---|---:|---:|---|---:|---:|---:|",
+            *[bench_study._row(name, c, holm_p=True) for name, c in a["secondary"].items()],
+            "",
+        ]
+    lines += [
         "| arm | seeds | endpoint, mean ± sd | M_0 on the endpoint | completions per run | completions in groups "
         "with signal | signal-bearing groups per 1,000 completions | completions by the prompt's level when drawn "
-        "| wall s / run |",
-        "|---|---:|---|---:|---|---:|---:|---|---:|",
+        "| optimizer steps | groups dropped | wall s / run |",
+        "|---|---:|---|---:|---|---:|---:|---|---:|---:|---:|",
         *[_arm_row(arm, recs) for arm, recs in arms.items() if recs],
         "",
         "Held-out accuracy on the endpoint's levels after each epoch, mean over seeds (M_0 first):",
@@ -344,7 +378,16 @@ def render(record: dict) -> str:
             f"**{'met' if met else 'not met'}** ({bench_study._pts(c['mean'])} [{bench_study._pts(c['low'])}, "
             f"{bench_study._pts(c['high'])}]{'' if complete else ', interim'})."
         )
-    lines += ["- ahead of `dapo`: not measured (DAPO's dynamic sampling is not built yet).", "", MARKS[1]]
+    d = a["secondary"]["hsstar - dapo"]
+    if "mean" in d:
+        met = set(range(planned)) <= set(d["seeds"]) and d["low"] > 0
+        lines.append(
+            f"- ahead of `dapo` (hsstar - dapo, interval above 0): **{'met' if met else 'not met'}** "
+            f"({bench_study._pts(d['mean'])} [{bench_study._pts(d['low'])}, {bench_study._pts(d['high'])}])."
+        )
+    else:
+        lines.append("- ahead of `dapo`: not measured yet.")
+    lines += ["", MARKS[1]]
     return "\n".join(lines)
 
 

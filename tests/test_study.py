@@ -252,6 +252,8 @@ def _grpo_run(module, seed, arm, level_acc, signal_groups):
         "rollouts_by_level_when_drawn": {"unprobed": 1024, "boundary": 2048},
         "endpoint": level_acc,
         "wall_seconds": 100.0,
+        "steps": 27 if arm == "dapo" else 48,
+        "dropped_groups": 168 if arm == "dapo" else 0,
         "torch_threads": 1,
         "jobs": 2,
         "machine": "m",
@@ -264,22 +266,27 @@ def _grpo_run(module, seed, arm, level_acc, signal_groups):
 def test_the_grpo_study_reads_its_runs_as_the_protocol_says(grpo_study):
     m = grpo_study
     assert m.SETTING["problems"] * m.SETTING["num_generations"] * m.SETTING["num_train_epochs"] == 3072
-    assert m.SEEDS == 20 and set(m.ARMS) == {"uniform", "hsstar", "uniform-again"}
+    assert m.SEEDS == 20 and set(m.ARMS) == {"uniform", "hsstar", "uniform-again", "dapo"}
     runs = {}
     for seed in range(3):
         for arm, acc, sig in (
             ("uniform", 0.60, 200),
             ("hsstar", 0.61 + 0.001 * seed, 360),
             ("uniform-again", 0.60, 210),
+            ("dapo", 0.605, 220),
         ):
             runs[m.key({"seed": seed, "arm": arm})] = _grpo_run(m, seed, arm, acc, sig)
     runs["grpo-hsstar-s99"] = _grpo_run(m, 99, "hsstar", 0.9, 384)  # not a protocol seed
     kept = m.protocol_runs(runs)
-    assert "grpo-hsstar-s99" not in kept and len(kept) == 9
+    assert "grpo-hsstar-s99" not in kept and len(kept) == 12
     a = m.analyse(kept)
     assert a["primary"]["n"] == 3 and a["primary"]["mean"] == pytest.approx(0.011)
     assert a["noise_floor"]["mean"] == pytest.approx(0.0)
     assert len(a["exploratory"]) == 8
+    # amendment 1's two comparisons, Holm over the two (not the exploratory family)
+    assert a["secondary"]["hsstar - dapo"]["mean"] == pytest.approx(0.006)
+    assert a["secondary"]["dapo - uniform"]["mean"] == pytest.approx(0.005)
+    assert a["secondary"]["dapo - uniform"]["p_holm"] == pytest.approx(2 * a["secondary"]["dapo - uniform"]["p"])
     record = {
         "meta": {
             "commit": "abc",
@@ -295,4 +302,7 @@ def test_the_grpo_study_reads_its_runs_as_the_protocol_says(grpo_study):
     assert "| **primary: hsstar - uniform, equal completions** | 3 | +1.10 |" in text
     assert "groups with signal under hsstar >= 90%: **met** (94%)" in text
     assert "**not met** (+1.10" in text  # +2 points: not met, and interim
+    assert "| hsstar - dapo | 3 | +0.60 |" in text and "| dapo - uniform | 3 | +0.50 |" in text
+    assert "- ahead of `dapo` (hsstar - dapo, interval above 0): **not met** (+0.60" in text  # interim
+    assert "| 27.0 | 168.0 |" in text  # dapo's steps and dropped groups
     assert text.startswith(m.MARKS[0]) and text.endswith(m.MARKS[1])
