@@ -13,8 +13,8 @@ groups whose rewards are all equal and refills the batch with new rounds, and st
 rounds as plain GRPO would (fewer optimizer steps, each on groups with signal).
 
 The seam is a sampler (in place of GRPO's ``RepeatSampler``), an observer of the gathered rewards and, for DAPO, a
-wrapper around each generation round; all reach upstream's protected methods through ``_compat.GRPOSeams``, checked against the installed TRL by
-``tests/test_compat.py``. The difficulty state is saved in every checkpoint and read back on resume, as TRL keeps
+wrapper around each generation round; all reach upstream's protected methods through ``_compat.GRPOSeams``,
+checked against the installed TRL by ``tests/test_compat.py``. The difficulty state is saved in every checkpoint and read back on resume, as TRL keeps
 its entropy controller's state.
 """
 
@@ -266,6 +266,7 @@ class HSStarGRPOTrainer(GRPOSeams, GRPOTrainer):
         self.rounds_spent = 0  # training rounds generated, refills included
         self.round_budget = 0  # plain GRPO's rounds for this run, set when training begins (DAPO stops there)
         self.round_signal: list[bool] = []  # the latest round's groups: rewards not all equal
+        self.generated_at_step = 0  # the optimizer step the latest training batch was generated at
         self._since_log: Counter[str] = Counter()
         self.add_callback(_SaveDifficulty(self))
         self.add_callback(_RoundBudget(self))
@@ -273,7 +274,7 @@ class HSStarGRPOTrainer(GRPOSeams, GRPOTrainer):
     # -- the seam: which prompts each round rolls out
 
     def rollout_sampler(self) -> RoundSampler | None:
-        """The sampler of the training rounds (GRPO's own under ``allocation="uniform"``)."""
+        """The sampler of the training rounds (``None``, GRPO's own, unless ``allocation="hsstar"``)."""
         if self.args.allocation != "hsstar":
             return None
         return RoundSampler(
@@ -370,7 +371,7 @@ class HSStarGRPOTrainer(GRPOSeams, GRPOTrainer):
         mine = [(r, i) for r, s in enumerate(signal) for i in range(n)]
         picks = [p for p in mine if signal[p[0]][rank * n + p[1]]]
         picks += [p for p in reversed(mine) if not signal[p[0]][rank * n + p[1]]]
-        self._since_log["dropped_groups"] += len(mine) - n if len(rounds) > 1 else 0
+        self._since_log["dropped_groups"] += len(mine) - n
         if len(rounds) == 1:
             return batch
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
