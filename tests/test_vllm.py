@@ -711,3 +711,79 @@ def test_evaluation_through_the_engine_agrees_with_transformers_greedy(engine, r
     )
     assert [r["greedy"]["completion"] for r in ours] == [r["greedy"]["completion"] for r in theirs]
     assert all(len(r["samples"]) == 2 for r in ours) and sum(r["greedy"]["correct"] for r in ours) > 0
+
+
+# -- the online trainer through TRL's own vLLM mode (TRL, not this package, drives the engine)
+
+GRPO_COLOCATE = """
+import json, sys
+from collections import Counter
+from datasets import Dataset
+from trl_hsstar import HSStarGRPOConfig, HSStarGRPOTrainer
+from trl_hsstar.toy import generate_problems, problems_to_dataset_dict
+
+reasoner, out, allocation = sys.argv[1:4]
+kinds = ("easy", "boundary", "hard")
+rows = problems_to_dataset_dict(generate_problems(12, operands=(2, 6)))
+rows["kind"] = [kinds[i % 3] for i in range(12)]
+calls = []
+
+def scripted(prompts, completions, kind, **kwargs):  # test_grpo's ScriptedReward: easy 1, hard 0, boundary mixed
+    calls.append(len(completions))
+    seen, rewards = Counter(), []
+    for p, k in zip(prompts, kind):
+        seen[p] += 1
+        rewards.append({"easy": 1.0, "hard": 0.0}.get(k, float(seen[p] % 2)))
+    return rewards
+
+args = HSStarGRPOConfig(
+    output_dir=out, allocation=allocation, num_generations=4, per_device_train_batch_size=16,
+    max_completion_length=8, num_train_epochs=2, learning_rate=1e-4, logging_steps=1, save_strategy="no",
+    report_to="none", disable_tqdm=True, use_cpu=True, seed=0,
+    use_vllm=True, vllm_mode="colocate", vllm_enable_sleep_mode=False,
+)
+trainer = HSStarGRPOTrainer(reasoner, reward_funcs=scripted, args=args, train_dataset=Dataset.from_dict(rows))
+# vLLM's CPU build cannot load weights into a running engine (its CPU layers drop `weight_loader`; plain
+# GRPOTrainer fails the same way there): the engine keeps the start weights, which is all the allocation needs
+trainer.vllm_generation.sync_weights = lambda: None
+trainer.train()
+print("RESULT " + json.dumps({
+    "calls": calls, "rounds": trainer.rounds_spent, "steps": trainer.state.global_step,
+    "rollouts": dict(trainer.rollouts), "kinds": rows["kind"],
+    "levels": [None if trainer.level_of(k) is None else trainer.level_of(k).value for k in trainer.prompt_keys],
+}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("allocation", ["hsstar", "dapo"])
+def test_the_online_trainer_runs_on_trls_vllm_colocate_mode(vllm_python, reasoner_dir, tmp_path, allocation):
+    """``HSStarGRPOTrainer(use_vllm=True, vllm_mode="colocate")`` in the vLLM environment: TRL's vLLM generates every
+    round, the allocation reads its rewards, DAPO's refills re-pad its batches, and the budget stays plain GRPO's."""
+    import json
+    import subprocess
+
+    script = tmp_path / "grpo_colocate.py"
+    script.write_text(GRPO_COLOCATE)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, **CPU_ENV, "PYTHONPATH": str(root)}
+    out = subprocess.run(
+        [vllm_python, str(script), str(reasoner_dir), str(tmp_path / "out"), allocation],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    result = json.loads(out.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    # plain GRPO's budget: 12 prompts / 4 per round x 2 epochs = 6 rounds of 16 completions, refills included
+    assert result["calls"] == [16] * 6 and result["rounds"] == 6
+    assert sum(result["rollouts"].values()) == 96
+    # each prompt's level read from vLLM's rollouts (under dapo, a prompt no round drew has none)
+    assert all(level in (kind, None) for level, kind in zip(result["levels"], result["kinds"]))
+    if allocation == "dapo":
+        assert result["steps"] < 6  # refilled: fewer steps, each on groups with signal
+    else:
+        assert result["levels"] == result["kinds"] and result["rollouts"]["unprobed"] == 48
+        assert result["steps"] == 6
