@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_smollm2
+from bench_grpo_study import allocation_fields, counted_reward, study_config
 from bench_methods import (
     add_report_only,
     git_commit,
@@ -68,58 +69,32 @@ def key(run: dict) -> str:
 def execute(run: dict, *, model_path: str, context: dict, work_dir: str, records: str) -> tuple[str, dict]:
     """One arm of one seed, from the pretrained model; its record is written as it ends."""
     import shutil
+    from collections import Counter
 
     import torch
     from peft import LoraConfig
     from transformers import AutoTokenizer, PrinterCallback
 
-    from trl_hsstar import HSStarGRPOConfig, HSStarGRPOTrainer
+    from trl_hsstar import HSStarGRPOTrainer
     from trl_hsstar.verify import MathVerifier
 
     size = SETTING
     held = bench_smollm2.held_out(size["held_out"])
     dataset = bench_smollm2.train_problems(size["problems"], run["seed"], exclude=held)
-    spent = {"completions": 0, "groups": 0, "groups_with_signal": 0}
-    verifier = MathVerifier(last_number_fallback=True)
-
-    def correct(prompts, completions, answer, **kwargs):
-        """1 for a right final answer (a box, else the last number); counts the groups whose rewards differ."""
-        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        rewards = [1.0 if verifier(t, a) else 0.0 for t, a in zip(texts, answer)]
-        groups: dict[str, set[float]] = {}
-        for p, r in zip(prompts, rewards):
-            groups.setdefault(json.dumps(p), set()).add(r)
-        spent["completions"] += len(completions)
-        spent["groups"] += len(groups)
-        spent["groups_with_signal"] += sum(len(v) > 1 for v in groups.values())
-        return rewards
-
+    spent = Counter()
+    verifier = MathVerifier(last_number_fallback=True)  # the evaluation's rule: a box, else the last number
     out_dir = Path(work_dir) / "out" / key(run)
     shutil.rmtree(out_dir, ignore_errors=True)
-    config = HSStarGRPOConfig(
+    config = study_config(
+        size,
         output_dir=str(out_dir),
         allocation=run["arm"],
-        reprobe_rate=size["reprobe_rate"],
-        num_generations=size["num_generations"],
-        per_device_train_batch_size=size["num_generations"] * size["prompts_per_round"],
-        max_completion_length=size["max_completion_length"],
-        temperature=size["temperature"],
-        top_p=size["top_p"],
-        learning_rate=size["learning_rate"],
-        lr_scheduler_type="cosine",
-        warmup_steps=0.03,
-        num_train_epochs=size["num_train_epochs"],
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
         seed=run["seed"],
-        use_cpu=True,
-        bf16=False,
+        max_completion_length=size["max_completion_length"],
     )
     trainer = HSStarGRPOTrainer(
         model=model_path,
-        reward_funcs=correct,
+        reward_funcs=counted_reward(verifier, spent),
         args=config,
         train_dataset=dataset,
         processing_class=AutoTokenizer.from_pretrained(model_path),
@@ -143,11 +118,7 @@ def execute(run: dict, *, model_path: str, context: dict, work_dir: str, records
         **run,
         "setting": size,
         "held_out_after": after,
-        **spent,
-        "rollouts_by_level_when_drawn": dict(trainer.rollouts),
-        "steps": trainer.state.global_step,
-        "rounds": trainer.rounds_spent,
-        "dropped_groups": sum(h.get("allocation/dropped_groups", 0) for h in trainer.state.log_history),
+        **allocation_fields(trainer, spent),
         "train_seconds": round(wall, 1),
         "torch_threads": torch.get_num_threads(),
         **context,

@@ -84,7 +84,65 @@ def endpoint(record: dict, *, last: int = ENDPOINT_EPOCHS, levels=ENDPOINT_LEVEL
     return statistics.mean(_epoch(record, i, levels) for i in range(-last, 0))
 
 
-# -- one run
+# -- one run (the pieces the real-model reading, bench_grpo_smollm2.py, shares)
+
+
+def study_config(size: dict, *, output_dir: str, allocation: str, seed: int, max_completion_length: int):
+    """The ``HSStarGRPOConfig`` the GRPO studies fix: one optimizer step per round, cosine, nothing saved."""
+    from trl_hsstar import HSStarGRPOConfig
+
+    return HSStarGRPOConfig(
+        output_dir=output_dir,
+        allocation=allocation,
+        reprobe_rate=size["reprobe_rate"],
+        num_generations=size["num_generations"],
+        per_device_train_batch_size=size["num_generations"] * size["prompts_per_round"],
+        max_completion_length=max_completion_length,
+        temperature=size["temperature"],
+        top_p=size["top_p"],
+        learning_rate=size["learning_rate"],
+        lr_scheduler_type="cosine",
+        warmup_steps=0.03,
+        num_train_epochs=size["num_train_epochs"],
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=seed,
+        use_cpu=True,
+        bf16=False,
+    )
+
+
+def counted_reward(is_right, spent: Counter):
+    """A TRL reward function: 1 where ``is_right(text, answer)``; counts into ``spent`` the completions, the groups
+    and the groups whose rewards differ."""
+
+    def correct(prompts, completions, answer, **kwargs):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        rewards = [1.0 if is_right(t, a) else 0.0 for t, a in zip(texts, answer)]
+        groups: dict[str, set[float]] = {}
+        for p, r in zip(prompts, rewards):
+            groups.setdefault(json.dumps(p), set()).add(r)
+        spent["completions"] += len(completions)
+        spent["groups"] += len(groups)
+        spent["groups_with_signal"] += sum(len(v) > 1 for v in groups.values())
+        return rewards
+
+    return correct
+
+
+def allocation_fields(trainer, spent: Counter) -> dict:
+    """What a run record keeps of the trainer's allocation."""
+    return {
+        "completions": spent["completions"],
+        "groups": spent["groups"],
+        "groups_with_signal": spent["groups_with_signal"],
+        "rollouts_by_level_when_drawn": dict(trainer.rollouts),
+        "steps": trainer.state.global_step,
+        "rounds": trainer.rounds_spent,
+        "dropped_groups": sum(h.get("allocation/dropped_groups", 0) for h in trainer.state.log_history),
+    }
 
 
 def key(run: dict) -> str:
@@ -99,7 +157,7 @@ def execute(run: dict, *, args, reasoner: str, initial: dict, context: dict) -> 
     from datasets import Dataset
     from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
 
-    from trl_hsstar import HSStarGRPOConfig, HSStarGRPOTrainer
+    from trl_hsstar import HSStarGRPOTrainer
     from trl_hsstar.toy.experiment import world_problems
     from trl_hsstar.toy.world import evaluate_levels
     from trl_hsstar.verify import verify_answer
@@ -109,17 +167,6 @@ def execute(run: dict, *, args, reasoner: str, initial: dict, context: dict) -> 
     held = bench_study.held_out(size["eval_per_level"])
     problems = world_problems(size["problems"], seed=run["seed"], exclude=held)
     spent = Counter()
-
-    def correct(prompts, completions, answer, **kwargs):
-        """1 for a right final answer; counts completions and the groups whose rewards differ."""
-        rewards = [1.0 if verify_answer(c, a) else 0.0 for c, a in zip(completions, answer)]
-        groups: dict[str, set[float]] = {}
-        for p, r in zip(prompts, rewards):
-            groups.setdefault(p, set()).add(r)
-        spent["completions"] += len(completions)
-        spent["groups"] += len(groups)
-        spent["groups_with_signal"] += sum(len(v) > 1 for v in groups.values())
-        return rewards
 
     tokenizer = AutoTokenizer.from_pretrained(reasoner)
     by_epoch: list[dict] = []
@@ -140,31 +187,17 @@ def execute(run: dict, *, args, reasoner: str, initial: dict, context: dict) -> 
         shutil.rmtree(out_dir)
     longest = max(len(p.rationale()) for p in problems)
     rounds_per_epoch = size["problems"] // size["prompts_per_round"]
-    config = HSStarGRPOConfig(
+    config = study_config(
+        size,
         output_dir=str(out_dir),
         allocation=allocation,
-        reprobe_rate=size["reprobe_rate"],
-        num_generations=size["num_generations"],
-        per_device_train_batch_size=size["num_generations"] * size["prompts_per_round"],
-        max_completion_length=longest + 16,
-        temperature=size["temperature"],
-        top_p=size["top_p"],
-        learning_rate=size["learning_rate"],
-        lr_scheduler_type="cosine",
-        warmup_steps=0.03,
-        num_train_epochs=size["num_train_epochs"],
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
         seed=run["seed"] + offset,
-        use_cpu=True,
-        bf16=False,
+        max_completion_length=longest + 16,
     )
     dataset = Dataset.from_list([{"prompt": p.prompt, "answer": str(p.answer)} for p in problems])
     trainer = HSStarGRPOTrainer(
         model=reasoner,
-        reward_funcs=correct,
+        reward_funcs=counted_reward(verify_answer, spent),
         args=config,
         train_dataset=dataset,
         processing_class=tokenizer,
@@ -180,13 +213,7 @@ def execute(run: dict, *, args, reasoner: str, initial: dict, context: dict) -> 
         "setting": size,
         "initial": initial,
         "held_out_by_epoch": by_epoch,
-        "completions": spent["completions"],
-        "groups": spent["groups"],
-        "groups_with_signal": spent["groups_with_signal"],
-        "rollouts_by_level_when_drawn": dict(trainer.rollouts),
-        "steps": trainer.state.global_step,
-        "rounds": trainer.rounds_spent,
-        "dropped_groups": sum(h.get("allocation/dropped_groups", 0) for h in trainer.state.log_history),
+        **allocation_fields(trainer, spent),
         "wall_seconds": round(wall, 1),
         "torch_threads": torch.get_num_threads(),
         **context,
