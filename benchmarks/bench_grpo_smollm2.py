@@ -155,7 +155,8 @@ def render(record: dict) -> str:
         f"before training **{before:.3f}**. {SEEDS} seeds: a reading, not a test (a 100-problem evaluation moves "
         "by about 0.04 from sampling alone).",
         "",
-        f"Record: `{RESULTS}` (collected from `benchmarks/results/grpo_smollm2/`). Commit "
+        f"Record: `{RESULTS}` (collected from `benchmarks/results/grpo_smollm2/` by `{record['meta']['command']}`). "
+        "Commit "
         f"`{record['meta']['commit']}`; run commits: {', '.join(f'`{c}`' for c in values('commit'))}. Machines: "
         + "; ".join(values("machine"))
         + ". Torch threads per run: "
