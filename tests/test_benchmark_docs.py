@@ -65,7 +65,7 @@ def test_the_known_sections_are_found():
         "bench_smollm2",
         "bench_calibration",
     }
-    known |= {"bench_grpo", "bench_scale", "world_regime"}
+    known |= {"bench_grpo", "bench_scale", "world_regime", "bench_grpo_study", "bench_grpo_smollm2"}
     assert known <= names, f"sections missing from the docs: {sorted(known - names)}"
 
 
