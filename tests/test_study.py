@@ -286,7 +286,9 @@ def test_the_grpo_study_reads_its_runs_as_the_protocol_says(grpo_study):
     # amendment 1's two comparisons, Holm over the two (not the exploratory family)
     assert a["secondary"]["hsstar - dapo"]["mean"] == pytest.approx(0.006)
     assert a["secondary"]["dapo - uniform"]["mean"] == pytest.approx(0.005)
-    assert a["secondary"]["dapo - uniform"]["p_holm"] == pytest.approx(2 * a["secondary"]["dapo - uniform"]["p"])
+    assert a["secondary"]["dapo - uniform"]["p_holm"] == pytest.approx(
+        2 * a["secondary"]["dapo - uniform"]["p"]
+    )
     record = {
         "meta": {
             "commit": "abc",
