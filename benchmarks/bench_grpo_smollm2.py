@@ -76,6 +76,7 @@ def execute(run: dict, *, model_path: str, context: dict, work_dir: str, records
     from transformers import AutoTokenizer, PrinterCallback
 
     from trl_hsstar import HSStarGRPOTrainer
+    from trl_hsstar.artifacts import atomic_write_text
     from trl_hsstar.verify import MathVerifier
 
     size = SETTING
@@ -124,9 +125,7 @@ def execute(run: dict, *, model_path: str, context: dict, work_dir: str, records
         **context,
     }
     shutil.rmtree(out_dir, ignore_errors=True)
-    path = Path(records) / f"{key(run)}.json"
-    path.with_suffix(".tmp").write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(path.with_suffix(".tmp"), path)
+    atomic_write_text(Path(records) / f"{key(run)}.json", json.dumps(record, indent=1) + "\n")
     return key(run), record
 
 

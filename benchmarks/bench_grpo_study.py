@@ -158,6 +158,7 @@ def execute(run: dict, *, args, reasoner: str, initial: dict, context: dict) -> 
     from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
 
     from trl_hsstar import HSStarGRPOTrainer
+    from trl_hsstar.artifacts import atomic_write_text
     from trl_hsstar.toy.experiment import world_problems
     from trl_hsstar.toy.world import evaluate_levels
     from trl_hsstar.verify import verify_answer
@@ -220,10 +221,7 @@ def execute(run: dict, *, args, reasoner: str, initial: dict, context: dict) -> 
     }
     record["endpoint"] = endpoint(record, last=min(ENDPOINT_EPOCHS, len(by_epoch)))
     shutil.rmtree(out_dir, ignore_errors=True)  # nothing is saved but the record
-    path = Path(args.records) / f"{key(run)}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(Path(args.records) / f"{key(run)}.json", json.dumps(record, indent=1) + "\n")
     return key(run), record
 
 
