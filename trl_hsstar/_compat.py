@@ -10,9 +10,11 @@ import torch
 __all__ = [
     "GRPOSeams",
     "concat_groups",
+    "create_model",
     "keep_bnb_4bit_weights_trainable_on_cpu",
     "load_checkpoint",
     "save_model_without_push",
+    "tensorboard_writer",
 ]
 
 
@@ -74,6 +76,19 @@ def load_checkpoint(trainer, model_dir) -> None:
         trainer._load_from_checkpoint(str(model_dir))
     finally:
         log.removeFilter(quiet)
+
+
+def create_model(model_id: str, **kwargs):
+    """A causal LM loaded the way TRL's trainers load one (``trl.trainer.utils``, which TRL does not export)."""
+    from trl.trainer.utils import create_model_from_path
+
+    return create_model_from_path(model_id, **kwargs)
+
+
+def tensorboard_writer(callback):
+    """The ``SummaryWriter`` of transformers' TensorBoard callback (``None`` for any other callback, or before it
+    starts): the completions table goes to the run's own event file."""
+    return getattr(callback, "tb_writer", None)
 
 
 def save_model_without_push(trainer, output_dir: str) -> None:

@@ -11,7 +11,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["eval_mode", "model_name", "publish_dir", "quiet_progress_bars", "read_line", "short_model_name"]
+__all__ = [
+    "accelerator_available",
+    "eval_mode",
+    "model_name",
+    "publish_dir",
+    "quiet_progress_bars",
+    "read_line",
+    "short_model_name",
+]
 
 
 def read_line(fd: int, timeout: float | None) -> bytes:
@@ -34,6 +42,19 @@ def read_line(fd: int, timeout: float | None) -> bytes:
     return line
 
 
+def accelerator_available() -> bool:
+    """Whether torch sees a GPU or another accelerator (XPU, NPU, MLU, MUSA); torch is imported on first call."""
+    import torch
+
+    if torch.cuda.is_available():
+        return True
+    for name in ("xpu", "npu", "mlu", "musa"):
+        backend = getattr(torch, name, None)
+        if backend is not None and getattr(backend, "is_available", lambda: False)():
+            return True
+    return False
+
+
 def publish_dir(tmp: str | os.PathLike, target: str | os.PathLike, *, keep_existing: bool = False) -> None:
     """Move a fully written directory into place with one rename, so that a directory that exists is complete. One
     already there is replaced, or, with ``keep_existing`` (another process built the same thing), kept."""
@@ -52,11 +73,11 @@ def publish_dir(tmp: str | os.PathLike, target: str | os.PathLike, *, keep_exist
 
 
 def model_name(obj) -> str | None:
-    """A model's id or path: the string itself, or ``config._name_or_path`` of a model instance."""
+    """A model's id or path: the string itself, or ``config.name_or_path`` of a model instance."""
     if isinstance(obj, str):
         return obj
     config = getattr(obj, "config", None)
-    return getattr(config, "_name_or_path", None) or None
+    return getattr(config, "name_or_path", None) or None
 
 
 def short_model_name(obj, default: str) -> str:

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig, SFTConfig
 
+from ._utils import accelerator_available
 from .budget import STRATEGIES, presamples_for
 from .checks import check_int
-from .difficulty import ESTIMATORS, validate_thresholds
+from .difficulty import ESTIMATORS, Level, validate_thresholds
 from .rewards import AGGREGATIONS
 from .sampling.base import SamplingParams
 
@@ -36,16 +37,30 @@ _VLLM_FIELDS = {
 }
 
 
-def _accelerator_available() -> bool:
-    import torch
-
-    if torch.cuda.is_available():
-        return True
-    for name in ("xpu", "npu", "mlu", "musa"):
-        backend = getattr(torch, name, None)
-        if backend is not None and getattr(backend, "is_available", lambda: False)():
-            return True
-    return False
+DATA_FIELDS = (
+    "sampling_budget",
+    "num_presamples",
+    "resample_rounds",
+    "allocation",
+    "difficulty_estimator",
+    "reward_aggregation",
+    "reward_step_token",
+    "train_levels",
+    "resample_levels",
+    "max_rows_per_problem",
+    "temperature",
+    "top_p",
+    "max_completion_length",
+    "last_number_fallback",
+    "seed",
+)
+DATA_FIELDS_WHEN_SET = (
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "generation_kwargs",
+    "chat_template_kwargs",
+)
 
 
 @dataclass
@@ -389,13 +404,7 @@ class HSStarArguments:
             if value is not None and not isinstance(value, dict):
                 raise ValueError(f"`{name}` must be a dict, got {type(value).__name__}.")
             setattr(self, name, value)
-        SamplingParams(
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty,
-        )
+        self.sampling_params(seed=None)  # SamplingParams checks its own fields
         if not self.verifier_timeout > 0:
             raise ValueError(f"`verifier_timeout` must be positive, got {self.verifier_timeout!r}.")
         if self.difficulty_estimator not in ESTIMATORS:
@@ -418,7 +427,7 @@ class HSStarArguments:
             raise ValueError(
                 f"`min_row_score` must be a number (S(r) of a kept row) or None, got {self.min_row_score!r}."
             )
-        levels = ("easy", "boundary", "hard")
+        levels = tuple(level.value for level in Level)
         for name in ("train_levels", "resample_levels"):
             value = getattr(self, name)
             if not value or any(level not in levels for level in value):
@@ -480,11 +489,43 @@ class HSStarArguments:
                 "vLLM installed (e.g. .vllm-venv/bin/python)."
             )
 
+    # -- what the run derives from these fields, each read here once
+
+    def sampling_params(self, seed: int | None) -> SamplingParams:
+        """How the run samples (GRPOConfig's sampling fields), with ``seed``."""
+        return SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            max_new_tokens=self.max_completion_length,
+            seed=seed,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            generation_kwargs=self.generation_kwargs,
+        )
+
+    def data_settings(self) -> dict:
+        """The fields that shape the data, which a resume must match (see :class:`~trl_hsstar.artifacts.RunManifest`)."""
+        settings = {name: getattr(self, name) for name in DATA_FIELDS}
+        # in the manifest only when set, so that runs started before these fields existed still resume
+        settings.update(
+            {n: getattr(self, n) for n in DATA_FIELDS_WHEN_SET if getattr(self, n) not in (None, 0, 1.0)}
+        )
+        settings.update({} if self.min_row_score is None else {"min_row_score": self.min_row_score})
+        settings.update({"calibrate_thresholds": True} if self.calibrate_thresholds else {})
+        return settings
+
+    def answer_fallback(self, problem_rows: list[dict]) -> bool:
+        """``last_number_fallback``, resolved: unset, it is on for chat prompts (instruct models answer in free text)."""
+        if self.last_number_fallback is not None:
+            return self.last_number_fallback
+        return bool(problem_rows) and not isinstance(problem_rows[0]["prompt"], str)
+
     def _defaults_for_this_machine(self) -> None:
         """On a machine without an accelerator: bf16 off (TRL turns it on by default, which fails on a CPU), and
         ``use_cpu`` on, so that ``accelerate launch --multi_gpu --num_processes N`` runs N CPU processes (gloo)
         rather than N independent single-process runs."""
-        if _accelerator_available():
+        if accelerator_available():
             return
         if getattr(self, "bf16", None) is None and not getattr(self, "fp16", False):
             self.bf16 = False

@@ -14,6 +14,7 @@ import random
 
 from datasets import Dataset
 
+from .records import Problem
 from .verify import MathVerifier, _reference_answer
 
 logger = logging.getLogger(__name__)
@@ -23,6 +24,7 @@ __all__ = [
     "check_output_dir",
     "drop_unverifiable",
     "ids_digest",
+    "make_problems",
     "problem_rows",
     "split_iterations",
 ]
@@ -37,6 +39,14 @@ def check_launch(args) -> None:
             "each process would run the whole loop alone and overwrite the others' files. On a machine without "
             "a GPU set `use_cpu=True` (the HS-STaR configs do so by default) and launch with `accelerate launch "
             "--multi_gpu --num_processes N`."
+        )
+    distributed = args.distributed_state.distributed_type.value
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and distributed != "FSDP":
+        # accelerate applies FSDP to GPU-type processes only; CPU processes get plain data parallelism
+        logger.warning(
+            "accelerate was asked for FSDP but this run is %s: it shards only accelerator (GPU/XPU/NPU) processes, "
+            "so these processes hold full replicas (DDP). Levels, allocation and rows are the same.",
+            distributed,
         )
 
 
@@ -92,6 +102,13 @@ def problem_rows(dataset: Dataset, args, name: str = "train_dataset") -> list[di
         columns = {k: v for k, v in row.items() if k != "prompt"}
         rows.append({"problem_id": pid, "prompt": prompt, "answer": str(answer).strip(), "columns": columns})
     return rows
+
+
+def make_problems(rows: list[dict], render) -> list[Problem]:
+    """The checked rows as :class:`~trl_hsstar.records.Problem` records, each prompt rendered for generation."""
+    return [
+        Problem(r["problem_id"], r["prompt"], render(r["prompt"]), r["answer"], r["columns"]) for r in rows
+    ]
 
 
 def check_output_dir(output_dir: str) -> None:

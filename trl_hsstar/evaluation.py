@@ -31,7 +31,7 @@ from .records import Problem
 from .sampling import Sampler, SamplingParams
 from .verify import MathVerifier, extract_answer
 
-__all__ = ["evaluate", "load_problems", "main", "markdown_table", "pass_at_k", "save"]
+__all__ = ["evaluate", "evaluate_held_out", "load_problems", "main", "markdown_table", "pass_at_k", "save"]
 
 BOXED_SYSTEM_PROMPT = "Solve the problem step by step. Put the final answer in \\boxed{}."
 
@@ -108,10 +108,11 @@ def evaluate(
     max_new_tokens: int = 512,
     seed: int = 0,
     group_by: str | None = None,
-    sampling: dict | None = None,
+    params: SamplingParams | None = None,
 ) -> tuple[list[dict], dict]:
     """Greedy and k sampled completions per problem, checked; returns ``(rows, summary)`` (see the module doc).
-    ``sampling`` holds the other :class:`~trl_hsstar.sampling.SamplingParams` fields of the k samples."""
+    ``params`` (how the k samples are drawn) replaces ``temperature``, ``top_p``, ``max_new_tokens`` and ``seed``."""
+    params = params or SamplingParams(temperature, top_p, max_new_tokens, seed)
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise ValueError(f"`k` must be a non-negative integer (0: greedy only), got {k!r}.")
     own = verifier is None
@@ -120,16 +121,10 @@ def evaluate(
     texts = [p.prompt_text for p in problems]
     started = time.monotonic()
     try:
-        greedy = sampler.generate(texts, [1] * len(texts), SamplingParams(0.0, 1.0, max_new_tokens, seed))
-        sampled = (
-            sampler.generate(
-                texts,
-                [k] * len(texts),
-                SamplingParams(temperature, top_p, max_new_tokens, seed, **(sampling or {})),
-            )
-            if k
-            else [[] for _ in texts]
+        greedy = sampler.generate(
+            texts, [1] * len(texts), SamplingParams(0.0, 1.0, params.max_new_tokens, params.seed)
         )
+        sampled = sampler.generate(texts, [k] * len(texts), params) if k else [[] for _ in texts]
         answers = [p.answer for p in problems]
         flat = [c.text for g in greedy for c in g] + [c.text for s in sampled for c in s]
         refs = answers + [a for a in answers for _ in range(k)]
@@ -178,10 +173,10 @@ def evaluate(
         **_means(rows, k),
         "num_problems": len(rows),
         "k": k,
-        "temperature": temperature,
-        "top_p": top_p,
-        "max_new_tokens": max_new_tokens,
-        "seed": seed,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "max_new_tokens": params.max_new_tokens,
+        "seed": params.seed,
         "no_answer_share": _mean(
             [float(r["greedy"]["answer"] is None) for r in rows]
             + [float(s["answer"] is None) for r in rows for s in r["samples"]]
@@ -196,6 +191,22 @@ def evaluate(
             g: {**_means(rs, k), "num_problems": len(rs)} for g, rs in sorted(groups.items())
         }
     return rows, summary
+
+
+def evaluate_held_out(problems, sampler, verifier, args, output_dir: str, *, on_main: bool) -> dict | None:
+    """A trainer's held-out evaluation: greedy and ``args.eval_num_samples`` samples drawn as the run samples,
+    on the main process (``None`` elsewhere); rows and summary saved in ``output_dir``."""
+    summary = None
+    if hasattr(sampler, "progress"):  # here the sampler's bar is the only one
+        sampler.progress = not args.disable_tqdm
+    if on_main:
+        rows, summary = evaluate(
+            problems, sampler, verifier, k=args.eval_num_samples, params=args.sampling_params(seed=args.seed)
+        )
+        save(rows, summary, output_dir)
+    if hasattr(sampler, "progress"):
+        sampler.progress = False
+    return summary
 
 
 def _mean(values: list[float]) -> float | None:
@@ -345,12 +356,15 @@ def main(args: argparse.Namespace) -> dict:
             sampler,
             verifier,
             k=args.k,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            max_new_tokens=args.max_new_tokens,
-            seed=args.seed,
             group_by=args.group_by,
-            sampling={"top_k": args.top_k, "min_p": args.min_p},
+            params=SamplingParams(
+                args.temperature,
+                args.top_p,
+                args.max_new_tokens,
+                args.seed,
+                top_k=args.top_k,
+                min_p=args.min_p,
+            ),
         )
     summary.update(
         model=args.model,

@@ -20,7 +20,16 @@ from ._utils import publish_dir
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["cache_root", "check_trainable", "dequantized_gguf", "resolve_model", "sha256_file"]
+__all__ = [
+    "cache_root",
+    "check_trainable",
+    "dequantized_gguf",
+    "load_policy",
+    "load_tokenizer",
+    "resolve_model",
+    "safe_loading",
+    "sha256_file",
+]
 
 
 def cache_root() -> Path:
@@ -121,4 +130,65 @@ def check_trainable(model) -> None:
         "(or the directory as `model` and `model_init_kwargs={'gguf_file': name}`): trl-hsstar de-quantizes it once "
         "to a trainable float32 checkpoint and caches it. Otherwise load the model unquantized, or with a trainable "
         "quantization (bitsandbytes 4-bit with a `peft_config`, i.e. QLoRA)."
+    )
+
+
+def safe_loading(args) -> dict:
+    """Safe by default, for every model the run loads: remote code only if the user sets ``trust_remote_code``, and
+    safetensors weights only (no unpickling); ``args.model_init_kwargs`` overrides both."""
+    user = getattr(args, "model_init_kwargs", None)
+    user = user if isinstance(user, dict) else {}
+    return {
+        "trust_remote_code": bool(user.get("trust_remote_code", getattr(args, "trust_remote_code", False))),
+        "use_safetensors": user.get("use_safetensors", True),
+    }
+
+
+def load_policy(model, args, quantization_config=None, peft_config=None):
+    """The policy as TRL's trainers load it: from an id or path with ``model_init_kwargs`` (and a quantization
+    config), then wrapped in a PEFT adapter when ``peft_config`` is given (prepared for k-bit training first)."""
+    from transformers import set_seed
+
+    from ._compat import create_model
+
+    model, init_kwargs = resolve_model(
+        model, args.model_init_kwargs
+    )  # a GGUF file: de-quantized once, cached
+    if isinstance(model, str):
+        kwargs = {**init_kwargs, **safe_loading(args)}
+        if quantization_config is not None:
+            if "quantization_config" in kwargs:
+                raise ValueError(
+                    "`quantization_config` is set both as a trainer argument and in `args.model_init_kwargs`: set "
+                    "it in one place."
+                )
+            kwargs["quantization_config"] = quantization_config
+        if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED", "FSDP"):
+            kwargs["device_map"] = (
+                None  # each process loads the whole model; DDP moves it, FSDP/ZeRO shard it
+            )
+        set_seed(args.seed)
+        model = create_model(model, **kwargs)
+    if peft_config is not None:
+        from peft import get_peft_model, prepare_model_for_kbit_training
+
+        if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+            model = prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=args.gradient_checkpointing,
+                gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
+            )
+        set_seed(args.seed)  # the adapter's initial weights
+        model = get_peft_model(model, peft_config)
+    return model
+
+
+def load_tokenizer(model, args):
+    """The tokenizer saved with the policy, loaded as safely as the policy."""
+    from transformers import AutoTokenizer
+
+    from ._utils import model_name
+
+    return AutoTokenizer.from_pretrained(
+        model_name(model), trust_remote_code=safe_loading(args)["trust_remote_code"]
     )

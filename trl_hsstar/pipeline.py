@@ -36,7 +36,7 @@ from .difficulty import Difficulty, Level, calibrate_thresholds, count_levels, e
 from .distributed import Collective
 from .records import Problem, ProblemStats, Sample, sample_id
 from .sampling import Sampler, SamplingParams, SamplingStats
-from .selection import ScoredSample, quota_filled, select_dpo_pairs, select_sft_rows
+from .selection import ScoredSample, group_by_problem, quota_filled, select_dpo_pairs, select_sft_rows
 
 logger = logging.getLogger(__name__)
 
@@ -46,27 +46,58 @@ ScoreFn = Callable[..., list]
 """``score_fn(prompts, completions, **columns) -> list[float | None]`` (TRL reward-function convention)."""
 
 
+def _default(name: str) -> Any:
+    """The config's default of field ``name``: the defaults live once, in the config."""
+    from .config import HSStarArguments
+
+    spec = HSStarArguments.__dataclass_fields__[name]
+    return spec.default if spec.default is not dataclasses.MISSING else tuple(spec.default_factory())
+
+
 @dataclass(frozen=True)
 class PipelineSettings:
-    budget: int = 8
-    num_presamples: int = 3
-    allocation: str = "hsstar"
-    difficulty_estimator: str = "hsstar"
+    """What :func:`run_iteration` needs of the config (:meth:`from_config`); the defaults are the config's."""
+
+    budget: int = _default("sampling_budget")
+    num_presamples: int = _default("num_presamples")
+    allocation: str = _default("allocation")
+    difficulty_estimator: str = _default("difficulty_estimator")
     reward_thresholds: tuple[float, float] | None = None
-    train_levels: tuple[str, ...] = ("boundary",)
-    resample_levels: tuple[str, ...] = ("boundary",)
-    max_rows_per_problem: int | None = 4
-    objective: str = "sft"  # "sft" | "dpo"
+    train_levels: tuple[str, ...] = _default("train_levels")
+    resample_levels: tuple[str, ...] = _default("resample_levels")
+    max_rows_per_problem: int | None = _default("max_rows_per_problem")
+    objective: str = "sft"  # "sft" | "dpo": the trainer's, not a config field
     seed: int = 0
-    chunk_size: int = 512
+    chunk_size: int = _default("sampling_chunk_size")
     """Samples generated (or scored) per checkpointed chunk of a phase."""
-    resample_rounds: int = 1
+    resample_rounds: int = 1  # the config's None resolves to it (4 under hsstar_adaptive)
     """Rounds after pre-sampling; the remainder of the budget is split evenly between them (the release: 1)."""
-    min_row_score: float | None = None
+    min_row_score: float | None = _default("min_row_score")
     """SFT: keep only correct rationales with S(r) at or above it (None: all correct ones, the release)."""
-    calibrate_thresholds: bool = False
+    calibrate_thresholds: bool = _default("calibrate_thresholds")
     """Take (tau_l, tau_h) from round 0's statistics (:func:`~trl_hsstar.difficulty.calibrate_thresholds`)."""
     sampling: SamplingParams = field(default_factory=SamplingParams)
+
+    @classmethod
+    def from_config(cls, args, iteration: int, objective: str, reward_thresholds) -> PipelineSettings:
+        """Iteration ``iteration``'s settings from an :class:`~trl_hsstar.HSStarConfig` (or the DPO one)."""
+        return cls(
+            budget=args.sampling_budget,
+            num_presamples=args.num_presamples,
+            allocation=args.allocation,
+            difficulty_estimator=args.difficulty_estimator,
+            reward_thresholds=reward_thresholds,
+            train_levels=tuple(args.train_levels),
+            resample_levels=tuple(args.resample_levels),
+            max_rows_per_problem=args.max_rows_per_problem,
+            objective=objective,
+            seed=args.seed + iteration,
+            chunk_size=args.sampling_chunk_size,
+            resample_rounds=args.resample_rounds,
+            min_row_score=args.min_row_score,
+            calibrate_thresholds=args.calibrate_thresholds,
+            sampling=args.sampling_params(seed=args.seed + 1000 * (iteration + 1)),
+        )
 
 
 class PipelineEvents:
@@ -182,10 +213,22 @@ def _seeded(params: SamplingParams, round_: int, first: int | None) -> SamplingP
 
 
 def _by_problem(problems: list[Problem], samples: list[Sample]) -> dict[str, list[Sample]]:
-    by_problem: dict[str, list[Sample]] = {p.problem_id: [] for p in problems}
-    for s in samples:
-        by_problem[s.problem_id].append(s)
-    return by_problem
+    return group_by_problem(samples, [p.problem_id for p in problems])
+
+
+def _for_selection(samples: list[Sample], problems: dict[str, Problem]) -> list[ScoredSample]:
+    """The samples as the selection reads them: the prompt and completion as the trainer will see them."""
+    return [
+        ScoredSample(
+            problem_id=s.problem_id,
+            prompt=problems[s.problem_id].prompt,
+            completion=problems[s.problem_id].completion(s.completion),
+            correct=s.correct,
+            score=s.reward,
+            sample_id=s.sample_id,
+        )
+        for s in samples
+    ]
 
 
 def _thresholds(
@@ -230,12 +273,10 @@ def _plan(
     ]
     filled = None
     if settings.allocation == "hsstar_adaptive":  # a problem with its quota of rows needs no more samples
+        by_id = {p.problem_id: p for p in problems}
         filled = [
             quota_filled(
-                [
-                    ScoredSample(s.problem_id, None, s.completion, s.correct, s.reward)
-                    for s in by_problem[p.problem_id]
-                ],
+                _for_selection(by_problem[p.problem_id], by_id),
                 objective=settings.objective,
                 cap=settings.max_rows_per_problem,
                 min_score=settings.min_row_score,
@@ -411,17 +452,7 @@ def _select(
     min_score: float | None,
 ) -> list[dict]:
     """SFT rows or DPO pairs from all samples of the problems whose level is in ``settings.train_levels``."""
-    pooled = [
-        ScoredSample(
-            problem_id=s.problem_id,
-            prompt=problems[s.problem_id].prompt,
-            completion=problems[s.problem_id].completion(s.completion),
-            correct=s.correct,
-            score=s.reward,
-            sample_id=s.sample_id,
-        )
-        for s in samples
-    ]
+    pooled = _for_selection(samples, problems)
     levels = {pid: d.level for pid, d in difficulties.items()}
     if settings.objective == "dpo":
         return select_dpo_pairs(

@@ -17,6 +17,15 @@ from pathlib import Path
 from trl import ModelConfig, ScriptArguments, TrlParser
 
 from .config import HSStarConfig, HSStarDPOConfig
+from .toy.recipe import (
+    TOY,
+    TOY_REWARDS,
+    toy_dataset,
+    toy_eval_dataset,
+    toy_model_path,
+    toy_reward,
+    with_toy_arguments,
+)
 
 __all__ = ["HSStarScriptArguments", "main", "make_parser", "run"]
 
@@ -28,7 +37,7 @@ class HSStarScriptArguments(ScriptArguments):
     """Script arguments of the HS-STaR recipes (on top of TRL's ``ScriptArguments``).
 
     ``dataset_name: toy`` and ``model_name_or_path: toy`` select the embedded arithmetic world and its tiny
-    reasoner, shipped with the package (no download, nothing trained before the loop).
+    reasoner; the parser adds its ``toy_*`` fields (:class:`trl_hsstar.toy.recipe.ToyArguments`).
     """
 
     objective: str = field(default="sft", metadata={"help": f"Training objective, one of {OBJECTIVES}."})
@@ -53,26 +62,6 @@ class HSStarScriptArguments(ScriptArguments):
             "help": "One weight per reward source (the model first, then `reward_funcs`): S(r) is their sum."
         },
     )
-    toy_num_problems: int = field(default=600, metadata={"help": "Toy world: number of problems generated."})
-    toy_operands: list[int] = field(
-        default_factory=lambda: [2, 6], metadata={"help": "Toy world: operand range."}
-    )
-    toy_digits: list[int] = field(
-        default_factory=lambda: [1, 1], metadata={"help": "Toy world: digit range."}
-    )
-    toy_num_eval_problems: int = field(
-        default=0,
-        metadata={
-            "help": "Toy world: held-out problems evaluated before the first iteration and after each one."
-        },
-    )
-    toy_words: bool = field(
-        default=False,
-        metadata={
-            "help": "Toy world: ask each sum as a question in words ('What is 3 + 4 + 5?') instead of 'Q: 3+4+5', for a "
-            "pretrained instruct model; combine with `system_prompt` to send chat messages."
-        },
-    )
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -92,13 +81,18 @@ def _grpo_script_arguments() -> type:
     )
 
 
+def _script_arguments(objective: str) -> type:
+    """The script arguments a recipe parses: HS-STaR's, plus the toy world's ``toy_*`` fields."""
+    return with_toy_arguments(_grpo_script_arguments() if objective == "grpo" else HSStarScriptArguments)
+
+
 def make_parser(objective: str = "sft", prog: str | None = None) -> TrlParser:
     if objective == "grpo":
         from .grpo import HSStarGRPOConfig
 
-        return TrlParser((_grpo_script_arguments(), HSStarGRPOConfig, ModelConfig), prog=prog)
+        return TrlParser((_script_arguments(objective), HSStarGRPOConfig, ModelConfig), prog=prog)
     config_cls = HSStarDPOConfig if objective == "dpo" else HSStarConfig
-    return TrlParser((HSStarScriptArguments, config_cls, ModelConfig), prog=prog)
+    return TrlParser((_script_arguments(objective), config_cls, ModelConfig), prog=prog)
 
 
 def shipped(kind: str, name: str) -> str:
@@ -224,18 +218,15 @@ def parse(argv: Sequence[str] | None = None):
 
 
 def _load_problems(script_args: HSStarScriptArguments, training_args):
+    """The training problems and the held-out ones (``None``: only the toy world holds some out)."""
     from datasets import load_dataset
 
-    if script_args.dataset_name == "toy":
-        from .toy import generate_problems
-
-        problems = generate_problems(
-            script_args.toy_num_problems,
-            operands=tuple(script_args.toy_operands),
-            digits=tuple(script_args.toy_digits),
-            seed=training_args.seed,
-        )
-        return _toy_dataset(problems, script_args)
+    if script_args.dataset_name == TOY:
+        train = toy_dataset(script_args, training_args.seed)
+        held_out = toy_eval_dataset(script_args, training_args.seed, train["id"])
+        if held_out is not None:
+            held_out = _as_chat(held_out, "prompt", script_args.system_prompt)
+        return _as_chat(train, "prompt", script_args.system_prompt), held_out
     if script_args.dataset_name is None:
         raise ValueError("`dataset_name` is required: a Hub dataset, a local .json/.jsonl file, or `toy`.")
     if script_args.dataset_name.endswith((".json", ".jsonl")):
@@ -249,36 +240,7 @@ def _load_problems(script_args: HSStarScriptArguments, training_args):
         raise ValueError(
             f"`prompt_column` {column!r} is not a column of the dataset ({dataset.column_names})."
         )
-    return _as_chat(dataset, column, script_args.system_prompt)
-
-
-def _toy_dataset(problems, script_args):
-    from datasets import Dataset
-
-    from .toy import problems_to_dataset_dict
-
-    dataset = Dataset.from_dict(problems_to_dataset_dict(problems))
-    if script_args.toy_words:
-        words = [f"What is {p.expression.replace('+', ' + ').replace('-', ' - ')}?" for p in problems]
-        dataset = dataset.remove_columns("prompt").add_column("prompt", words)
-    return _as_chat(dataset, "prompt", script_args.system_prompt)
-
-
-def _load_eval_problems(script_args, training_args, train):
-    """Held-out toy problems (``toy_num_eval_problems``), none of them among the training problems."""
-    if script_args.dataset_name != "toy" or not script_args.toy_num_eval_problems:
-        return None
-    from .toy import generate_problems
-
-    seen = set(train["id"])
-    pool = generate_problems(
-        script_args.toy_num_eval_problems + len(seen),
-        operands=tuple(script_args.toy_operands),
-        digits=tuple(script_args.toy_digits),
-        seed=training_args.seed + 1,
-    )
-    held_out = [p for p in pool if p.id not in seen][: script_args.toy_num_eval_problems]
-    return _toy_dataset(held_out, script_args)
+    return _as_chat(dataset, column, script_args.system_prompt), None
 
 
 def _as_chat(dataset, column: str, system: str | None):
@@ -308,10 +270,8 @@ def load_reward_func(spec: str, max_completion_length: int | None = None):
     """A reward function named in a YAML: ``oracle`` (the toy world's step checker), one of TRL's rewards by
     name (:data:`TRL_REWARDS`), or an import path, ``package.module.function`` (as TRL's GRPO script reads it,
     the working directory importable) or ``package.module:function``."""
-    if spec == "oracle":
-        from .toy.oracle import OracleStepReward
-
-        return OracleStepReward()
+    if spec in TOY_REWARDS:
+        return toy_reward(spec)
     if spec in TRL_REWARDS:
         import trl.rewards
 
@@ -353,15 +313,11 @@ def main(script_args: HSStarScriptArguments, training_args, model_args: ModelCon
 
     from .trainer import HSStarDPOTrainer, HSStarTrainer, iteration_table
 
-    problems = _load_problems(script_args, training_args)
-    eval_problems = _load_eval_problems(script_args, training_args, problems)
+    problems, eval_problems = _load_problems(script_args, training_args)
     reward_funcs = _load_reward_funcs(script_args, training_args)
 
     model = model_args.model_name_or_path
-    if model == "toy":
-        from .toy.world import toy_reasoner_path
-
-        model = str(toy_reasoner_path())
+    model = toy_model_path() if model == TOY else model
     # Safe by default: remote code only if the user sets `trust_remote_code` (TRL's field, default False), and
     # safetensors weights only (a pickle-based pytorch_model.bin can run code when loaded); the user's
     # `model_init_kwargs` override both, e.g. `{"use_safetensors": false}` for a trusted .bin checkpoint.

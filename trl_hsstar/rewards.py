@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._utils import eval_mode, short_model_name
 from .checks import check_int
+from .records import Problem
 
 logger = logging.getLogger(__name__)
 
@@ -308,9 +309,8 @@ def answer_reward(completions: list, answer: list, **kwargs) -> list[float]:
 def probe_inputs(prompt: Any, answer: Any) -> tuple[list, list]:
     """Two tiny completions of one real prompt (its answer boxed, and an empty one), in the prompt's format: what a
     reward source is called on once before any sampling, so that a wrong output fails at once."""
-    texts = [f"The answer is \\boxed{{{answer}}}.", ""]
-    completions = texts if isinstance(prompt, str) else [[{"role": "assistant", "content": t}] for t in texts]
-    return [prompt] * 2, completions
+    problem = Problem("probe", prompt, "", str(answer))
+    return [prompt] * 2, [problem.completion(t) for t in (f"The answer is \\boxed{{{answer}}}.", "")]
 
 
 def _render_prompt(prompt: Any, tokenizer: PreTrainedTokenizerBase) -> str:

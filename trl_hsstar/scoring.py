@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 
 from ._utils import model_name
 from .difficulty import lookup_thresholds
+from .models import safe_loading
+from .records import Problem
 from .rewards import as_reward_source, check_rewards, combine_rewards, probe_inputs, reward_source_name
 
 logger = logging.getLogger(__name__)
@@ -141,17 +143,17 @@ class RunRewards:
             return None
         return " + ".join(model_name(f) or reward_source_name(f) for f, _ in self.specs)
 
-    def probe(self, score_fn, problem: dict) -> None:
+    def probe(self, score_fn, problem: Problem) -> None:
         """Call the reward source once on two tiny completions of a real problem, so that a reward function with
         the wrong output (length, type) fails here, before any sampling, and not hours into a run."""
-        prompts, completions = probe_inputs(problem["prompt"], problem["answer"])
-        columns = {k: [v] * 2 for k, v in problem["columns"].items()}
+        prompts, completions = probe_inputs(problem.prompt, problem.answer)
+        columns = {k: [v] * 2 for k, v in problem.columns.items()}
         try:
             score_fn(prompts, completions, **columns)
             self.pop_logs()  # what the check logged is not the iteration's
         except Exception as error:
             raise ValueError(
-                f"The reward source failed its check on problem {problem['problem_id']!r} before sampling: {error}. "
+                f"The reward source failed its check on problem {problem.problem_id!r} before sampling: {error}. "
                 "Fix the reward function (`reward_funcs`): it must return one float (or None) per completion."
             ) from error
 
@@ -187,11 +189,9 @@ def load_reward_model(name: str, args, device):
         AutoTokenizer,
     )
 
-    user = getattr(args, "model_init_kwargs", None)
-    user = user if isinstance(user, dict) else {}
-    trust_remote_code = bool(user.get("trust_remote_code", getattr(args, "trust_remote_code", False)))
-    trust = {"trust_remote_code": trust_remote_code}
-    use_safetensors = user.get("use_safetensors", True)
+    safety = safe_loading(args)
+    trust = {"trust_remote_code": safety["trust_remote_code"]}
+    use_safetensors = safety["use_safetensors"]
     archs = " ".join(AutoConfig.from_pretrained(name, **trust).architectures or [])
     if "ProcessRewardModel" in archs:  # custom code, loaded through AutoModel
         auto = AutoModel

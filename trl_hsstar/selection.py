@@ -50,9 +50,10 @@ class ScoredSample:
     sample_id: str | None = None
 
 
-def group_by_problem(samples: Iterable[ScoredSample]) -> dict[str, list[ScoredSample]]:
-    """Group samples by ``problem_id``, problems in order of first appearance, samples in input order."""
-    groups: dict[str, list[ScoredSample]] = {}
+def group_by_problem(samples: Iterable[Any], problem_ids: Iterable[str] = ()) -> dict[str, list[Any]]:
+    """Group samples (anything with a ``problem_id``) by problem: ``problem_ids`` first (a problem without samples
+    gets an empty list), then the others in order of first appearance; samples in input order."""
+    groups: dict[str, list[Any]] = {pid: [] for pid in problem_ids}
     for s in samples:
         groups.setdefault(s.problem_id, []).append(s)
     return groups

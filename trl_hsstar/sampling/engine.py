@@ -13,8 +13,7 @@ import os
 import torch
 
 from .._compat import keep_bnb_4bit_weights_trainable_on_cpu
-from .._utils import model_name
-from ..config import _accelerator_available
+from .._utils import accelerator_available, model_name
 from .base import Sampler
 from .transformers_sampler import TransformersSampler
 
@@ -165,7 +164,7 @@ class Generation:
 def cpu_engine_env() -> dict[str, str]:
     """The environment of a vLLM engine on a machine without an accelerator (vLLM's CPU build): a small KV cache
     and every core; empty where an accelerator is present."""
-    if _accelerator_available():
+    if accelerator_available():
         return {}
     return {
         "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
