@@ -5,7 +5,7 @@ Each iteration writes its phases to ``output_dir/iteration-<t>/``, one straight 
     problems.jsonl              the iteration's problems (Problem records)
     round-0.samples.jsonl       round 0 (pre-sampling): one Sample per (problem, slot), verdict included
     round-0.scored.jsonl        the same Samples with their reward S(r)
-    round-1.plan.jsonl          per problem (ProblemStats): level, phi_a, phi_r from all samples so far, and the
+    round-1.plan.jsonl          per problem (PlanRow): level, phi_a, phi_r from all samples so far, and the
                                 samples it gets in round 1
     round-1.samples.jsonl       round 1 (re-sampling), slots continuing each problem's count
     round-1.scored.jsonl
@@ -209,7 +209,7 @@ class PhaseStore:
         self.timings: dict[str, float] = {}
         self.units: dict[str, dict[str, int]] = {}
 
-    def main(self, name: str, compute: Callable[[], list[dict]], share: bool = True) -> list[dict] | None:
+    def on_main(self, name: str, compute: Callable[[], list[dict]], share: bool = True) -> list[dict] | None:
         """A phase computed by the main process alone: read its file if complete, else compute and write it.
         With ``share``, every process gets the rows (broadcast); otherwise the other processes get ``None``."""
         start = time.monotonic()

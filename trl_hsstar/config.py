@@ -19,6 +19,7 @@ from .checks import check_int
 from .difficulty import ESTIMATORS, Level, validate_thresholds
 from .rewards import AGGREGATIONS
 from .sampling.base import SamplingParams
+from .verify import resolve_last_number_fallback
 
 __all__ = ["HSStarArguments", "HSStarConfig", "HSStarDPOConfig"]
 
@@ -517,9 +518,8 @@ class HSStarArguments:
 
     def answer_fallback(self, problem_rows: list[dict]) -> bool:
         """``last_number_fallback``, resolved: unset, it is on for chat prompts (instruct models answer in free text)."""
-        if self.last_number_fallback is not None:
-            return self.last_number_fallback
-        return bool(problem_rows) and not isinstance(problem_rows[0]["prompt"], str)
+        chat = bool(problem_rows) and not isinstance(problem_rows[0]["prompt"], str)
+        return resolve_last_number_fallback(self.last_number_fallback, chat)
 
     def _defaults_for_this_machine(self) -> None:
         """On a machine without an accelerator: bf16 off (TRL turns it on by default, which fails on a CPU), and

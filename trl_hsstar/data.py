@@ -26,6 +26,7 @@ __all__ = [
     "ids_digest",
     "make_problems",
     "problem_rows",
+    "render_prompt",
     "split_iterations",
 ]
 
@@ -104,10 +105,30 @@ def problem_rows(dataset: Dataset, args, name: str = "train_dataset") -> list[di
     return rows
 
 
-def make_problems(rows: list[dict], render) -> list[Problem]:
-    """The checked rows as :class:`~trl_hsstar.records.Problem` records, each prompt rendered for generation."""
+def render_prompt(prompt, processing_class, chat_template_kwargs: dict | None = None) -> str:
+    """A prompt as the sampler sees it: text as it is, chat messages through the chat template."""
+    if isinstance(prompt, str):
+        return prompt
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    return tokenizer.apply_chat_template(
+        prompt, tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {})
+    )
+
+
+def make_problems(
+    rows: list[dict], processing_class, chat_template_kwargs: dict | None = None
+) -> list[Problem]:
+    """Rows (``problem_id``, ``prompt``, ``answer``, ``columns``) as :class:`~trl_hsstar.records.Problem` records,
+    each prompt rendered for generation: the one place problems are built."""
     return [
-        Problem(r["problem_id"], r["prompt"], render(r["prompt"]), r["answer"], r["columns"]) for r in rows
+        Problem(
+            r["problem_id"],
+            r["prompt"],
+            render_prompt(r["prompt"], processing_class, chat_template_kwargs),
+            r["answer"],
+            r["columns"],
+        )
+        for r in rows
     ]
 
 

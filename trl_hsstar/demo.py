@@ -91,7 +91,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     import torch
 
     from .toy.experiment import WorldRun, held_out_problems, run_world, world_problems
-    from .toy.report import comparison_table, iteration_table, plot_comparison, plot_run
+    from .toy.report import comparison_table, plot_comparison, plot_run, run_markdown_table
     from .toy.world import HELD_OUT_PER_LEVEL, toy_prm_path, toy_reasoner_path
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -165,7 +165,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         )
         initial = results[method]["initial"]  # every method starts from the same M_0 row
         phases[method] = time.monotonic() - began
-        tables[method] = iteration_table(results[method])
+        tables[method] = run_markdown_table(results[method])
         plot_run(results[method], output_dir / method)
     total = round(time.monotonic() - start, 1)
     result = {

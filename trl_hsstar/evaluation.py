@@ -27,9 +27,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .data import make_problems
 from .records import Problem
 from .sampling import Sampler, SamplingParams
-from .verify import MathVerifier, extract_answer
+from .verify import MathVerifier, extract_answer, resolve_last_number_fallback
 
 __all__ = ["evaluate", "evaluate_held_out", "load_problems", "main", "markdown_table", "pass_at_k", "save"]
 
@@ -79,22 +80,21 @@ def load_problems(
             )
     if limit is not None:
         data = data.select(range(min(limit, len(data))))
-    problems = []
+    rows = []
     for i, row in enumerate(data):
         question = str(row[question_column])
         if chat:
             prompt: Any = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
                 {"role": "user", "content": question}
             ]
-            text = tokenizer.apply_chat_template(
-                prompt, tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {})
-            )
         else:
-            prompt = text = question if not system_prompt else f"{system_prompt}\n\n{question}"
+            prompt = question if not system_prompt else f"{system_prompt}\n\n{question}"
         columns = {k: v for k, v in row.items() if k not in (question_column, answer_column)}
         pid = str(row["id"]) if "id" in row else str(i)
-        problems.append(Problem(pid, prompt, text, str(row[answer_column]), columns))
-    return problems
+        rows.append(
+            {"problem_id": pid, "prompt": prompt, "answer": str(row[answer_column]), "columns": columns}
+        )
+    return make_problems(rows, tokenizer, chat_template_kwargs)
 
 
 def evaluate(
@@ -349,7 +349,7 @@ def main(args: argparse.Namespace) -> dict:
 
             model = PeftModel.from_pretrained(model, args.adapter)
         sampler = TransformersSampler(model, tokenizer, batch_size=args.batch_size)
-    fallback = args.last_number_fallback == "yes" or (args.last_number_fallback == "auto" and chat)
+    fallback = resolve_last_number_fallback({"yes": True, "no": False}.get(args.last_number_fallback), chat)
     with sampler, MathVerifier(last_number_fallback=fallback) as verifier:
         rows, summary = evaluate(
             problems,

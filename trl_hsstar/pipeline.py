@@ -30,11 +30,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import artifacts as A
+from . import artifacts
 from .budget import allocate, presamples_for
 from .difficulty import Difficulty, Level, calibrate_thresholds, count_levels, estimate_difficulty
 from .distributed import Collective
-from .records import Problem, ProblemStats, Sample, sample_id
+from .records import PlanRow, Problem, Sample, sample_id
 from .sampling import Sampler, SamplingParams, SamplingStats
 from .selection import ScoredSample, group_by_problem, quota_filled, select_dpo_pairs, select_sft_rows
 
@@ -258,7 +258,7 @@ def _plan(
     round_: int,
     settings: PipelineSettings,
     n_p: int,
-) -> list[ProblemStats]:
+) -> list[PlanRow]:
     """Re-estimate every problem from all its samples so far and hand out ``remaining`` samples for ``round_``."""
     by_problem = _by_problem(problems, samples)
     estimator, thresholds, _ = _thresholds(problems, samples, settings)
@@ -304,15 +304,14 @@ def _plan(
             len(problems),
         )
     return [
-        ProblemStats(p.problem_id, d, r, plan.fell_back)
-        for p, d, r in zip(problems, difficulties, plan.resamples)
+        PlanRow(p.problem_id, d, r, plan.fell_back) for p, d, r in zip(problems, difficulties, plan.resamples)
     ]
 
 
 def run_iteration(
     problems: Sequence[Problem],
     *,
-    store: A.IterationArtifacts,
+    store: artifacts.IterationArtifacts,
     sampler: Sampler,
     verifier: Callable[[str, str], bool],
     score_fn: ScoreFn | None,
@@ -330,14 +329,17 @@ def run_iteration(
     """
     events = events or PipelineEvents()
     coll = collective or Collective()
-    phases = A.PhaseStore(store, coll, settings.chunk_size, progress)
+    phase_store = artifacts.PhaseStore(store, coll, settings.chunk_size, progress)
     t0 = time.monotonic()
     if coll.is_main:
         for path in store.remove_partial_files():
             logger.info("Removed %s, left half-written by a killed run", path)
 
     # The problems: fixed once written, so a resume uses exactly the same ones.
-    problems = [Problem.from_row(r) for r in phases.main(A.PROBLEMS, lambda: [p.to_row() for p in problems])]
+    problems = [
+        Problem.from_row(r)
+        for r in phase_store.on_main(artifacts.PROBLEMS, lambda: [p.to_row() for p in problems])
+    ]
     by_id = {p.problem_id: p for p in problems}
     distributed = coll.num_processes > 1
     gen_before = sampler.stats
@@ -355,18 +357,18 @@ def run_iteration(
             return [s.to_row() for s in found]
 
         what = "pre-sampling" if r == 0 else f"re-sampling round {r}"
-        rows = phases.chunked(
-            A.samples_file(r),
+        rows = phase_store.chunked(
+            artifacts.samples_file(r),
             units,
             lambda u: sample_id(u[0].problem_id, u[1]),
             generate,
             desc=f"{what} (iteration {store.iteration})",
         )
         if rows is None:  # the other processes read the samples, complete since the sampling phase ended
-            rows = [] if store.has(A.scored_file(r)) else store.read_jsonl(A.samples_file(r))
+            rows = [] if store.has(artifacts.scored_file(r)) else store.read_jsonl(artifacts.samples_file(r))
         found = [Sample.from_row(row) for row in rows]
-        scored = phases.chunked(
-            A.scored_file(r),
+        scored = phase_store.chunked(
+            artifacts.scored_file(r),
             found,
             lambda s: s.sample_id,
             lambda chunk, _: [s.to_row() for s in _score(chunk, by_id, score_fn)],
@@ -378,17 +380,17 @@ def run_iteration(
     samples: list[Sample] = []  # on the main process
     slots = {p.problem_id: 0 for p in problems}
     counts = {p.problem_id: n_p for p in problems}
-    plan: list[ProblemStats] = []
+    plan: list[PlanRow] = []
     for r in range(settings.resample_rounds + 1):
         if r > 0:
             slice_ = remaining // (settings.resample_rounds - r + 1)
-            rows = phases.main(
-                A.plan_file(r),
+            rows = phase_store.on_main(
+                artifacts.plan_file(r),
                 lambda r=r, slice_=slice_, so_far=samples: [
                     s.to_row() for s in _plan(problems, so_far, slice_, r, settings, n_p)
                 ],
             )
-            plan = [ProblemStats.from_row(row) for row in rows]
+            plan = [PlanRow.from_row(row) for row in rows]
             counts = {s.problem_id: s.next_samples for s in plan}
             remaining -= sum(counts.values())
             events.levels_estimated({s.problem_id: s.difficulty for s in plan}, counts)
@@ -402,8 +404,8 @@ def run_iteration(
     resamples = {pid: n - n_p for pid, n in slots.items()}
 
     # The training rows, from the problems at the levels of the last plan, on the main process.
-    rows = phases.main(
-        A.TRAIN_ROWS,
+    rows = phase_store.on_main(
+        artifacts.TRAIN_ROWS,
         lambda: events.rows_selected(_select(samples, by_id, difficulties, settings, settings.min_row_score)),
         share=False,
     )
@@ -436,9 +438,9 @@ def run_iteration(
                 _select(samples, by_id, difficulties, settings, settings.min_row_score)
             )
         stats["num_processes"] = coll.num_processes
-        stats["phases_computed"] = phases.computed
-        stats["phase_seconds"] = {k: round(v, 3) for k, v in phases.timings.items()}
-        stats["units"] = phases.units
+        stats["phases_computed"] = phase_store.computed
+        stats["phase_seconds"] = {k: round(v, 3) for k, v in phase_store.timings.items()}
+        stats["units"] = phase_store.units
         stats["data_seconds"] = round(time.monotonic() - t0, 3)
     stats = coll.broadcast(stats)
     return IterationResult(rows=rows or [], stats=stats, difficulties=difficulties, resamples=resamples)

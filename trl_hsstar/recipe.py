@@ -17,6 +17,7 @@ from pathlib import Path
 from trl import ModelConfig, ScriptArguments, TrlParser
 
 from .config import HSStarConfig, HSStarDPOConfig
+from .models import safe_loading
 from .toy.recipe import (
     TOY,
     TOY_REWARDS,
@@ -318,18 +319,14 @@ def main(script_args: HSStarScriptArguments, training_args, model_args: ModelCon
 
     model = model_args.model_name_or_path
     model = toy_model_path() if model == TOY else model
-    # Safe by default: remote code only if the user sets `trust_remote_code` (TRL's field, default False), and
-    # safetensors weights only (a pickle-based pytorch_model.bin can run code when loaded); the user's
-    # `model_init_kwargs` override both, e.g. `{"use_safetensors": false}` for a trusted .bin checkpoint.
-    model_init_kwargs = dict(
-        revision=model_args.model_revision,
-        trust_remote_code=bool(training_args.trust_remote_code),
-        attn_implementation=model_args.attn_implementation,
-        dtype=model_args.dtype,
-        use_safetensors=True,
-    )
-    model_init_kwargs.update(training_args.model_init_kwargs or {})
-    training_args.model_init_kwargs = model_init_kwargs
+    # TRL's model fields, then the user's `model_init_kwargs`, loading safely (models.safe_loading)
+    training_args.model_init_kwargs = {
+        "revision": model_args.model_revision,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+        **(training_args.model_init_kwargs or {}),
+        **safe_loading(training_args),
+    }
 
     if script_args.objective == "grpo":
         return _main_grpo(script_args, training_args, model_args, model, problems, reward_funcs)

@@ -15,7 +15,7 @@ from typing import Any
 
 from .difficulty import Difficulty
 
-__all__ = ["Problem", "ProblemStats", "Sample", "sample_id"]
+__all__ = ["PlanRow", "Problem", "Sample", "sample_id"]
 
 
 def sample_id(problem_id: str, slot: int) -> str:
@@ -82,7 +82,7 @@ class Sample:
 
 
 @dataclass(frozen=True)
-class ProblemStats:
+class PlanRow:
     """A problem after a round: its difficulty from all its samples so far and the samples it gets next."""
 
     problem_id: str
@@ -100,7 +100,7 @@ class ProblemStats:
         }
 
     @classmethod
-    def from_row(cls, row: dict) -> ProblemStats:
+    def from_row(cls, row: dict) -> PlanRow:
         return cls(
             row["problem_id"], Difficulty.from_dict(row), int(row["next_samples"]), bool(row["fell_back"])
         )

@@ -27,7 +27,6 @@ from . import artifacts
 from ._compat import load_checkpoint, save_model_without_push, tensorboard_writer
 from ._utils import publish_dir, quiet_progress_bars
 from .callbacks import emit
-from .data import make_problems
 from .distributed import AccelerateCollective
 from .evaluation import evaluate_held_out
 from .pipeline import IterationResult, PipelineEvents, PipelineSettings, run_iteration
@@ -233,7 +232,7 @@ class HSStarRun:
     def begin(self, t: int) -> list[Problem]:
         """The iteration's problems, announced to the callbacks; the reward source loads and is probed once."""
         trainer = self.trainer
-        problems = make_problems(trainer.iteration_problems[t], trainer.render)
+        problems = trainer.problems(trainer.iteration_problems[t])
         self.emit("on_iteration_begin", t, problems=problems)
         if not self.rewards_loaded and not self.should_stop:
             self.score_fn = trainer.rewards.score_fn(
@@ -334,7 +333,7 @@ class HSStarRun:
 
     def _evaluate_on_held_out(self, sampler, output_dir: str) -> dict | None:
         summary = evaluate_held_out(
-            make_problems(self.trainer.eval_problems, self.trainer.render),
+            self.trainer.problems(self.trainer.eval_problems),
             sampler,
             self.verifier,
             self.args,

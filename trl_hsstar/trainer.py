@@ -26,7 +26,6 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from datasets import Dataset
 from transformers import PreTrainedModel, PrinterCallback, ProgressCallback, Trainer
@@ -40,11 +39,13 @@ from .data import (
     check_output_dir,
     drop_unverifiable,
     ids_digest,
+    make_problems,
     problem_rows,
     split_iterations,
 )
 from .hub import model_card, upload_files
 from .models import load_policy, load_tokenizer
+from .records import Problem
 from .run import HSStarRun, RunLog, iteration_table
 from .sampling import Sampler
 from .sampling.engine import Generation
@@ -160,14 +161,9 @@ class _HSStarBase(Trainer):
 
     # -- pieces the run uses
 
-    def render(self, prompt: Any) -> str:
-        """A prompt as the sampler sees it: text, or chat messages through the chat template."""
-        if isinstance(prompt, str):
-            return prompt
-        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
-        return tokenizer.apply_chat_template(
-            prompt, tokenize=False, add_generation_prompt=True, **(self.args.chat_template_kwargs or {})
-        )
+    def problems(self, rows: list[dict]) -> list[Problem]:
+        """Checked problem rows as records, their prompts rendered with this trainer's tokenizer."""
+        return make_problems(rows, self.processing_class, self.args.chat_template_kwargs)
 
     def manifest(self) -> dict:
         """What a resume must match (:class:`~trl_hsstar.artifacts.RunManifest`): the problems and the settings."""

@@ -125,6 +125,11 @@ def extract_last_number(text: str) -> str | None:
     return last.group().rstrip(",") if last else None
 
 
+def resolve_last_number_fallback(setting: bool | None, chat: bool) -> bool:
+    """``last_number_fallback`` as set, or, unset, on for chat prompts (instruct models answer in free text)."""
+    return chat if setting is None else bool(setting)
+
+
 def extract_answer(text: str, *, last_number_fallback: bool = False) -> str | None:
     """The final answer of a completion: last box, else GSM8K ``####``, else (optionally) last number."""
     if not isinstance(text, str):

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import artifacts as A
+from .. import artifacts
 from ..callbacks import HSStarCallback
 from .problems import ArithmeticProblem, label_steps
 from .world import (
@@ -125,9 +125,9 @@ def _per_world_level(iteration_dir: Path) -> dict[str, Any]:
     """Level counts and samples spent per world level (``"6x1"``...), from the iteration's artifacts."""
     levels: dict[str, Counter] = {}
     spent: Counter = Counter()
-    store = A.IterationArtifacts(iteration_dir.parent, int(iteration_dir.name.split("-")[-1]))
+    store = artifacts.IterationArtifacts(iteration_dir.parent, int(iteration_dir.name.split("-")[-1]))
     for r in range(store.rounds()):
-        for row in store.read_jsonl(A.samples_file(r)):
+        for row in store.read_jsonl(artifacts.samples_file(r)):
             spent[level_of(ArithmeticProblem.from_expression(row["problem_id"]))] += 1
     # rows (DPO: chosen answers) whose every step the step checker accepts: the rest reach the right answer
     # through a wrong step, which the reward model was meant to rank last
@@ -135,7 +135,7 @@ def _per_world_level(iteration_dir: Path) -> dict[str, Any]:
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
     clean = sum(all(label_steps(r["problem_id"], r.get("completion", r.get("chosen")))) for r in rows)
     per_problem = Counter(Counter(r["problem_id"] for r in rows).values())  # rows a problem gave -> problems
-    for row in store.read_jsonl(A.plan_file(store.rounds() - 1)):
+    for row in store.read_jsonl(artifacts.plan_file(store.rounds() - 1)):
         world = level_of(ArithmeticProblem.from_expression(row["problem_id"]))
         levels.setdefault(world, Counter())[row["level"]] += 1
     return {

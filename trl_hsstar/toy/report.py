@@ -13,12 +13,12 @@ from typing import Any
 
 from .world import LEVELS
 
-__all__ = ["comparison_table", "iteration_table", "plot_comparison", "plot_run"]
+__all__ = ["comparison_table", "plot_comparison", "plot_run", "run_markdown_table"]
 
 logger = logging.getLogger(__name__)
 
 
-def iteration_table(result: Mapping[str, Any]) -> str:
+def run_markdown_table(result: Mapping[str, Any]) -> str:
     """One run as a Markdown table: per iteration the level counts, budget planned and spent, rows kept and the
     held-out accuracy per level after the iteration (the first row is M_0)."""
     levels = [lv for lv in LEVELS if lv in result["initial"]]
