@@ -151,9 +151,8 @@ def load_policy(model, args, quantization_config=None, peft_config=None):
 
     from ._compat import create_model
 
-    model, init_kwargs = resolve_model(
-        model, args.model_init_kwargs
-    )  # a GGUF file: de-quantized once, cached
+    # a GGUF file: de-quantized once, cached
+    model, init_kwargs = resolve_model(model, args.model_init_kwargs)
     if isinstance(model, str):
         kwargs = {**init_kwargs, **safe_loading(args)}
         if quantization_config is not None:

@@ -149,10 +149,8 @@ class HSStarRun:
     def __init__(self, trainer, train_kwargs: dict):
         self.trainer, self.args, self.train_kwargs = trainer, trainer.args, train_kwargs
         self.accelerator, self.run_log = trainer.accelerator, trainer.run_log
-        self.score_fn, self.rewards_loaded = (
-            None,
-            False,
-        )  # reward models load on the first iteration that needs them
+        # reward models load on the first iteration that needs them
+        self.score_fn, self.rewards_loaded = None, False
         self.output = TrainOutput(global_step=0, training_loss=float("nan"), metrics={})
         self.model_to_load = None  # a finished iteration's model, loaded before the next one runs
         self.cleanup = contextlib.ExitStack()
@@ -315,10 +313,8 @@ class HSStarRun:
         """``iteration-<t>/model``: every process calls save_model (sharded weights gather), the main one writes."""
         store = artifacts.IterationArtifacts(self.args.output_dir, t)
         tmp = store.tmp_dir(artifacts.MODEL, create=self.accelerator.is_main_process)
-        with quiet_progress_bars():
-            save_model_without_push(
-                self.trainer, str(tmp)
-            )  # the run pushes once per iteration end, not per save
+        with quiet_progress_bars():  # the run pushes once per iteration end, not per save
+            save_model_without_push(self.trainer, str(tmp))
         if self.accelerator.is_main_process:
             store.publish_dir(tmp, artifacts.MODEL)
         self.accelerator.wait_for_everyone()
@@ -356,9 +352,8 @@ class HSStarRun:
         self.run_log.log(_flat_metrics(stats))
         if trainer.is_world_process_zero():  # one row per iteration, not the raw dict of figures
             print(iteration_table([stats], header=not trainer.iterations_run), flush=True)
-            if store.has(
-                artifacts.scored_file(0)
-            ):  # a table of the first pre-samples, for trackers that take one
+            # a table of the first pre-samples, for trackers that take one
+            if store.has(artifacts.scored_file(0)):
                 scored = store.read_jsonl(artifacts.scored_file(0))
                 self.run_log.completions_table(
                     _completion_rows(scored, result.difficulties, self.reward_columns)

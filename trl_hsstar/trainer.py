@@ -323,9 +323,8 @@ class HSStarDPOTrainer(_HSStarBase):
         from peft import PeftModel
 
         if self.ref_model is None and isinstance(self.model, PeftModel) and "ref" in self.model.peft_config:
-            self.model.delete_adapter(
-                "ref"
-            )  # last pass's reference; TRL copies the adapter as it is now, M_t
+            # last pass's reference; TRL copies the adapter as it is now, M_t
+            self.model.delete_adapter("ref")
         return DPOTrainer(
             model=self.model,
             ref_model=self.ref_model,
