@@ -28,6 +28,7 @@ __all__ = [
     "problem_rows",
     "render_prompt",
     "split_iterations",
+    "warn_on_unsharded_fsdp",
 ]
 
 
@@ -41,7 +42,11 @@ def check_launch(args) -> None:
             "a GPU set `use_cpu=True` (the HS-STaR configs do so by default) and launch with `accelerate launch "
             "--multi_gpu --num_processes N`."
         )
-    distributed = args.distributed_state.distributed_type.value
+
+
+def warn_on_unsharded_fsdp(distributed: str) -> None:
+    """Say at once that FSDP was asked for but will not shard (CPU processes). ``distributed`` is the accelerator's
+    own type: only it reports FSDP, the launch state says MULTI_GPU."""
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and distributed != "FSDP":
         # accelerate applies FSDP to GPU-type processes only; CPU processes get plain data parallelism
         logger.warning(
@@ -107,9 +112,13 @@ def problem_rows(dataset: Dataset, args, name: str = "train_dataset") -> list[di
 
 def render_prompt(prompt, processing_class, chat_template_kwargs: dict | None = None) -> str:
     """A prompt as the sampler sees it: text as it is, chat messages through the chat template."""
+    from transformers import ProcessorMixin
+
     if isinstance(prompt, str):
         return prompt
-    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    tokenizer = (
+        processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
+    )
     return tokenizer.apply_chat_template(
         prompt, tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {})
     )

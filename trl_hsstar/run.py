@@ -45,13 +45,18 @@ __all__ = ["HSStarRun", "RunLog", "iteration_table"]
 class RunLog:
     """The run's step and log history (the trainer's ``state``), its trackers and its checkpoints."""
 
-    def __init__(self, args, state, callbacks: list, accelerator):
+    def __init__(self, args, state, callbacks: list, user_callbacks: list, accelerator):
         self.args, self.state, self.accelerator = args, state, accelerator
         self.callbacks = callbacks  # the trainer's own, minus the terminal printers: the run prints its table
-        kinds = tuple(get_reporting_integration_callbacks(args.report_to))
-        self.trackers = [c for c in callbacks if isinstance(c, kinds)]
+        self.user_callbacks = user_callbacks  # a pass tells them itself
         self.control = TrainerControl()
         self.pass_start = 0
+
+    @property
+    def trackers(self) -> list:
+        """The ``report_to`` integrations among the trainer's callbacks (transformers' own list of them)."""
+        kinds = tuple(get_reporting_integration_callbacks(self.args.report_to))
+        return [c for c in self.callbacks if isinstance(c, kinds) and c not in self.user_callbacks]
 
     def begin(self, model) -> None:
         self.state.global_step, self.control = 0, TrainerControl()
@@ -153,7 +158,7 @@ class HSStarRun:
         self.score_fn, self.rewards_loaded = None, False
         self.output = TrainOutput(global_step=0, training_loss=float("nan"), metrics={})
         self.model_to_load = None  # a finished iteration's model, loaded before the next one runs
-        self.cleanup = contextlib.ExitStack()
+        self.cleanup = contextlib.ExitStack()  # filled on entering: engine, trackers, upload, verifier, bars
 
     # -- setup and cleanup
 
@@ -166,16 +171,17 @@ class HSStarRun:
                     os.path.join(args.output_dir, "skipped_problems.jsonl"),
                     "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in trainer.skipped_problems),
                 )
-        self.verifier = trainer.verifier or self.cleanup.enter_context(
-            MathVerifier(
-                timeout=args.verifier_timeout, last_number_fallback=args.answer_fallback(trainer.problem_rows)
+        with contextlib.ExitStack() as setup:  # undone at once if any step of the setup fails
+            if args.disable_tqdm:  # respected everywhere: datasets' and transformers' bars too
+                setup.enter_context(quiet_progress_bars(datasets_too=True))
+            fallback = args.answer_fallback(trainer.problem_rows)
+            self.verifier = trainer.verifier or setup.enter_context(
+                MathVerifier(timeout=args.verifier_timeout, last_number_fallback=fallback)
             )
-        )
-        self.cleanup.callback(self._finish)
-        if args.disable_tqdm:  # respected everywhere: datasets' and transformers' bars too
-            self.cleanup.enter_context(quiet_progress_bars(datasets_too=True))
-        trainer.iteration_stats, trainer.iterations_run = [], 0
-        self.run_log.begin(trainer.model)
+            setup.callback(self._finish)
+            trainer.iteration_stats, trainer.iterations_run = [], 0
+            self.run_log.begin(trainer.model)
+            self.cleanup = setup.pop_all()
         return self
 
     def __exit__(self, *exc) -> None:

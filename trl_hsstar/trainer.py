@@ -42,6 +42,7 @@ from .data import (
     make_problems,
     problem_rows,
     split_iterations,
+    warn_on_unsharded_fsdp,
 )
 from .hub import model_card, upload_files
 from .models import load_policy, load_tokenizer
@@ -115,14 +116,19 @@ class _HSStarBase(Trainer):
         self.base_model_name = model_name(model)  # for the model card
         with quiet_progress_bars() if args.disable_tqdm else contextlib.nullcontext():
             model = load_policy(model, args, quantization_config, peft_config)
-        processing_class = processing_class or load_tokenizer(model, args)
+        if processing_class is None:
+            processing_class = load_tokenizer(model, args)
         super().__init__(model=model, args=args, processing_class=processing_class, callbacks=callbacks)
+        warn_on_unsharded_fsdp(self.accelerator.distributed_type.value)
 
         # -- the run: its log (each pass prints its own progress; the run prints a table), generation, the Hub
-        self.remove_callback(PrinterCallback)
-        self.remove_callback(ProgressCallback)
-        self.run_log = RunLog(args, self.state, self.callback_handler.callbacks, self.accelerator)
         self.user_callbacks = list(callbacks or [])
+        for callback in list(self.callback_handler.callbacks):  # transformers' own printers, not a user's
+            if type(callback) in (PrinterCallback, ProgressCallback) and callback not in self.user_callbacks:
+                self.remove_callback(callback)
+        self.run_log = RunLog(
+            args, self.state, self.callback_handler.callbacks, self.user_callbacks, self.accelerator
+        )
         self.trl_kwargs = trl_kwargs  # passed on to each iteration's TRL trainer (data_collator, ...)
         self.generation = Generation(args, self.accelerator, processing_class, sampler)
         self.iteration_stats: list[dict] = []

@@ -217,10 +217,6 @@ def run_world(
         reward_funcs=reward_funcs,
         callbacks=[evaluator],
     )
-    if not progress:  # the Trainer prints every log dict when its progress bars are off
-        from transformers import PrinterCallback
-
-        trainer.remove_callback(PrinterCallback)
     trainer.train()
     wall = time.monotonic() - start
     iterations = []
