@@ -15,7 +15,11 @@ from transformers.utils import logging as hf_logging
 from trl_hsstar.callbacks import HSStarCallback
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_trl_contract import scripted_trainer
+from helpers.scripted import ScriptedSampler
+from test_trl_contract import config, problems, scripted_trainer
+
+from trl_hsstar.toy.oracle import OracleStepReward
+from trl_hsstar.trainer import HSStarTrainer
 
 
 class MyProgress(ProgressCallback, HSStarCallback):
@@ -30,12 +34,6 @@ class MyProgress(ProgressCallback, HSStarCallback):
 
 
 def trainer_with(reasoner_dir, output_dir, callbacks, **overrides):
-    from helpers.scripted import ScriptedSampler
-    from test_trl_contract import config, problems
-
-    from trl_hsstar.toy.oracle import OracleStepReward
-    from trl_hsstar.trainer import HSStarTrainer
-
     return HSStarTrainer(
         model=str(reasoner_dir),
         args=config(output_dir, **overrides),

@@ -16,7 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ._utils import publish_dir
+from ._utils import model_name, publish_dir
 
 logger = logging.getLogger(__name__)
 
@@ -185,8 +185,6 @@ def load_policy(model, args, quantization_config=None, peft_config=None):
 def load_tokenizer(model, args):
     """The tokenizer saved with the policy, loaded as safely as the policy."""
     from transformers import AutoTokenizer
-
-    from ._utils import model_name
 
     return AutoTokenizer.from_pretrained(
         model_name(model), trust_remote_code=safe_loading(args)["trust_remote_code"]

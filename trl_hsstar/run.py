@@ -49,14 +49,16 @@ class RunLog:
         self.args, self.state, self.accelerator = args, state, accelerator
         self.callbacks = callbacks  # the trainer's own, minus the terminal printers: the run prints its table
         self.user_callbacks = user_callbacks  # a pass tells them itself
+        self.tracker_kinds = tuple(get_reporting_integration_callbacks(args.report_to))  # once: not per log
         self.control = TrainerControl()
         self.pass_start = 0
 
     @property
     def trackers(self) -> list:
         """The ``report_to`` integrations among the trainer's callbacks (transformers' own list of them)."""
-        kinds = tuple(get_reporting_integration_callbacks(self.args.report_to))
-        return [c for c in self.callbacks if isinstance(c, kinds) and c not in self.user_callbacks]
+        return [
+            c for c in self.callbacks if isinstance(c, self.tracker_kinds) and c not in self.user_callbacks
+        ]
 
     def begin(self, model) -> None:
         self.state.global_step, self.control = 0, TrainerControl()
