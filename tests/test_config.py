@@ -149,3 +149,29 @@ def test_a_colocated_layout_that_does_not_fit_is_refused():
 
     with pytest.raises(ValueError, match=r"needs 16 GPUs .* 8 are visible.*vllm_mode='server'"):
         engine_cuda_devices(None, 8, 7, 8, 2)
+
+
+def test_one_levels_rule_for_config_selection_and_budget(tmp_path):
+    """The config, the selection and the allocation refuse an unknown level with the same message, naming their
+    own field; only the config refuses an empty list."""
+    from trl_hsstar.budget import allocate
+    from trl_hsstar.difficulty import Difficulty, Level, validate_levels
+    from trl_hsstar.selection import select_sft_rows
+
+    assert validate_levels(["easy", Level.HARD], name="x") == {Level.EASY, Level.HARD}
+    rule = "must be a list of levels among \\['easy', 'boundary', 'hard'\\], got \\['medium'\\]"
+    with pytest.raises(ValueError, match=f"`train_levels` {rule}"):
+        select_sft_rows([], {}, train_levels=["medium"])
+    with pytest.raises(ValueError, match=f"`target_levels` {rule}"):
+        allocate(
+            [Difficulty(Level.BOUNDARY, None, None, 3, 0, 0)],
+            budget=8,
+            num_presamples=3,
+            target_levels=["medium"],
+        )
+    for name in ("train_levels", "resample_levels"):
+        with pytest.raises(ValueError, match=f"`{name}` must be a non-empty list of levels"):
+            HSStarConfig(output_dir=str(tmp_path), **{name: []})
+        with pytest.raises(ValueError, match=f"`{name}` must be a non-empty list of levels .*'medium'"):
+            HSStarConfig(output_dir=str(tmp_path), **{name: ["medium"]})
+    assert select_sft_rows([], {}, train_levels=[]) == []

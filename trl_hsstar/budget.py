@@ -49,7 +49,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .checks import check_int
-from .difficulty import Difficulty, Level
+from .difficulty import Difficulty, Level, validate_levels
 
 __all__ = ["ROLLOUT_ALLOCATIONS", "STRATEGIES", "Allocation", "allocate", "draw_prompts", "presamples_for"]
 
@@ -215,12 +215,7 @@ def allocate(
     full = [bool(f) for f in filled] if filled is not None else [False] * n
 
     if strategy in ("hsstar", "hsstar_adaptive"):
-        try:
-            targets = {Level(t) for t in target_levels}
-        except ValueError:
-            raise ValueError(
-                f"`target_levels` must name levels among {[lv.value for lv in Level]}, got {list(target_levels)!r}."
-            ) from None
+        targets = validate_levels(target_levels, name="target_levels")
         eligible = [d.level in targets for d in difficulties]
         if strategy == "hsstar_adaptive":
             eligible = [ok and not f for ok, f in zip(eligible, full)]

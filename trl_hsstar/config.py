@@ -16,7 +16,7 @@ from trl import DPOConfig, SFTConfig
 from ._utils import accelerator_available
 from .budget import STRATEGIES, presamples_for
 from .checks import check_int
-from .difficulty import ESTIMATORS, Level, validate_thresholds
+from .difficulty import ESTIMATORS, validate_levels, validate_thresholds
 from .rewards import AGGREGATIONS
 from .sampling.base import SamplingParams
 from .verify import resolve_last_number_fallback
@@ -428,11 +428,8 @@ class HSStarArguments:
             raise ValueError(
                 f"`min_row_score` must be a number (S(r) of a kept row) or None, got {self.min_row_score!r}."
             )
-        levels = tuple(level.value for level in Level)
         for name in ("train_levels", "resample_levels"):
-            value = getattr(self, name)
-            if not value or any(level not in levels for level in value):
-                raise ValueError(f"`{name}` must be a non-empty list of {levels}, got {value!r}.")
+            validate_levels(getattr(self, name), name=name, allow_empty=False)
         if not self.answer_column:
             raise ValueError("`answer_column` must name the dataset column with the reference answers.")
         if self.vllm_mode not in ("colocate", "server"):

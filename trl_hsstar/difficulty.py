@@ -56,6 +56,7 @@ __all__ = [
     "count_levels",
     "estimate_difficulty",
     "lookup_thresholds",
+    "validate_levels",
     "validate_thresholds",
 ]
 
@@ -120,6 +121,17 @@ def validate_thresholds(
     if not tau_l < tau_h:
         raise ValueError(f"`{name}` must satisfy tau_l < tau_h, got tau_l={tau_l}, tau_h={tau_h}: swap them.")
     return tau_l, tau_h
+
+
+def validate_levels(
+    levels: Iterable[Level | str], *, name: str, allow_empty: bool = True
+) -> frozenset[Level]:
+    """Check a list of level names and return them as levels; raise ``ValueError`` naming ``name``."""
+    values, names = list(levels), [lv.value for lv in Level]
+    if any(str(v) not in names for v in values) or (not values and not allow_empty):
+        kind = "a list" if allow_empty else "a non-empty list"
+        raise ValueError(f"`{name}` must be {kind} of levels among {names}, got {values!r}.")
+    return frozenset(Level(str(v)) for v in values)
 
 
 @dataclass(frozen=True)

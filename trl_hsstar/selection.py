@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .checks import check_int
-from .difficulty import Level
+from .difficulty import Level, validate_levels
 
 __all__ = ["ScoredSample", "group_by_problem", "quota_filled", "select_dpo_pairs", "select_sft_rows"]
 
@@ -69,15 +69,6 @@ def _eligible(problem_id: str, levels: Mapping[str, Level | str] | None, wanted:
         return True
     level = levels.get(problem_id)
     return level is not None and Level(level) in wanted
-
-
-def _wanted(levels_to_train: Collection[Level | str]) -> set[Level]:
-    try:
-        return {Level(x) for x in levels_to_train}
-    except ValueError:
-        raise ValueError(
-            f"`train_levels` must name levels among {[lv.value for lv in Level]}, got {list(levels_to_train)!r}."
-        ) from None
 
 
 def _dedupe_key(completion: Any) -> Any:
@@ -128,7 +119,7 @@ def select_sft_rows(
         appearance, each problem's rows best first.
     """
     check_int(max_rows_per_problem, "max_rows_per_problem", allow_none=True)
-    wanted = _wanted(train_levels)
+    wanted = validate_levels(train_levels, name="train_levels")
     rows: list[dict] = []
     for problem_id, group in group_by_problem(samples).items():
         if not _eligible(problem_id, levels, wanted):
@@ -178,7 +169,7 @@ def select_dpo_pairs(
         "rejected_score"}``, shuffled.
     """
     check_int(max_pairs_per_problem, "max_pairs_per_problem", allow_none=True)
-    wanted = _wanted(train_levels)
+    wanted = validate_levels(train_levels, name="train_levels")
     rng = random.Random(seed)
     pairs: list[dict] = []
     for problem_id, group in group_by_problem(samples).items():
