@@ -64,7 +64,7 @@ def _by_score_desc(samples: Sequence[ScoredSample]) -> list[ScoredSample]:
     return sorted(samples, key=lambda s: (s.score is None, -(s.score or 0.0)))
 
 
-def _eligible(problem_id: str, levels: Mapping[str, Level | str] | None, wanted: set[Level]) -> bool:
+def _eligible(problem_id: str, levels: Mapping[str, Level | str] | None, wanted: frozenset[Level]) -> bool:
     if levels is None:
         return True
     level = levels.get(problem_id)
