@@ -128,10 +128,10 @@ def validate_levels(
 ) -> frozenset[Level]:
     """Check a list of level names and return them as levels; raise ``ValueError`` naming ``name``."""
     values, names = list(levels), [lv.value for lv in Level]
-    if any(str(v) not in names for v in values) or (not values and not allow_empty):
+    if any(v not in names for v in values) or (not values and not allow_empty):  # a Level equals its value
         kind = "a list" if allow_empty else "a non-empty list"
         raise ValueError(f"`{name}` must be {kind} of levels among {names}, got {values!r}.")
-    return frozenset(Level(str(v)) for v in values)
+    return frozenset(Level(v) for v in values)
 
 
 @dataclass(frozen=True)
